@@ -1,0 +1,262 @@
+"""Pretrain the toy FLUX base model: `fluxlora toy pretrain --out DIR`.
+
+Stages (each resumable; state lives in ``--work``):
+  1. skeleton   tokenizers, frozen random text encoders, scheduler (``build.py``)
+  2. vae        AutoencoderKL on world images plus generic shapes/stripes (a general image codec: it must
+                be able to encode a subject the transformer has never seen)
+  3. cache      VAE latents of a fixed pool of world images, text embeddings of every unique caption
+  4. transformer  FLUX flow matching on the cached latents (caption dropout for classifier-free guidance,
+                EMA of the weights), then the pipeline directory is assembled in ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fluxlora.toy import build, world
+
+SAMPLE_DEFAULTS = {"steps": 20, "true_cfg": 4.0, "max_sequence_length": build.T5_MAX_LENGTH}
+CAPTION_DROPOUT = 0.1
+
+
+def log(work: Path, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(work / "pretrain.log", "a") as f:
+        f.write(line + "\n")
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# ----- stage 2: VAE ---------------------------------------------------------------------------------
+
+def generic_image(rng: random.Random, res: int) -> np.ndarray:
+    """Random colours, shapes and stripes anywhere: teaches the VAE to be a general codec."""
+    img = np.empty((res, res, 3), np.float32)
+    img[:] = [rng.randrange(256) for _ in range(3)]
+    for _ in range(rng.randint(1, 3)):
+        shape = rng.choice(world.SHAPES + ("diamond",))
+        cy, cx = rng.uniform(0, res), rng.uniform(0, res)
+        half = rng.uniform(0.05, 0.25) * res
+        n = res * world.SUPERSAMPLE
+        c = (np.arange(n, dtype=np.float32) + 0.5) / world.SUPERSAMPLE
+        y, x = np.meshgrid(c - cy, c - cx, indexing="ij")
+        inside = (np.abs(x) + np.abs(y) <= half) if shape == "diamond" else world._inside(shape, y, x, half)
+        colors = [np.array([rng.randrange(256) for _ in range(3)], np.float32) for _ in range(2)]
+        if rng.random() < 0.5:  # two-tone stripes
+            period = rng.uniform(2.0, 8.0)
+            stripe = inside & (np.floor((y if rng.random() < 0.5 else x) / period) % 2 == 0)
+        else:
+            stripe = np.zeros_like(inside)
+        for m, col in ((inside & ~stripe, colors[0]), (stripe, colors[1])):
+            cov = m.reshape(res, world.SUPERSAMPLE, res, world.SUPERSAMPLE).mean(axis=(1, 3))[..., None]
+            img = img * (1 - cov) + col * cov
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def train_vae(work: Path, steps: int, batch: int, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**build.VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    ckpt, start = work / "vae.pt", 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        start = state["step"]
+        if start >= steps:
+            return vae
+    rng = random.Random(seed * 7919 + start)
+    gen = world.stream(seed * 31 + start)
+    t0 = time.time()
+    for step in range(start, steps):
+        lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        imgs = [next(gen)[0] if rng.random() < 0.6 else generic_image(rng, 64) for _ in range(batch)]
+        x = to_tensor(imgs)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log(work, f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+    return vae
+
+
+# ----- stage 3: caches ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int) -> dict:
+    path = work / "cache.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    gen = world.stream(seed + 1)
+    images, captions = [], []
+    for _ in range(pool):
+        img, cap, _ = next(gen)
+        images.append(img), captions.append(cap)
+    vae.eval()
+    latents = torch.cat([vae.encode(to_tensor(images[i:i + 256])).latent_dist.mean
+                         for i in range(0, pool, 256)])
+    unique = sorted(set(captions)) + [""]
+    index = {c: i for i, c in enumerate(unique)}
+    clip_tok = CLIPTokenizer.from_pretrained(skeleton / "tokenizer")
+    t5_tok = T5TokenizerFast.from_pretrained(skeleton / "tokenizer_2")
+    clip = CLIPTextModel.from_pretrained(skeleton / "text_encoder").eval()
+    t5 = T5EncoderModel.from_pretrained(skeleton / "text_encoder_2").eval()
+    t5_emb, pooled = [], []
+    for i in range(0, len(unique), 512):
+        chunk = unique[i:i + 512]
+        ids = clip_tok(chunk, padding="max_length", max_length=build.CLIP_MAX_LENGTH, truncation=True,
+                       return_tensors="pt").input_ids
+        pooled.append(clip(ids).pooler_output)
+        ids = t5_tok(chunk, padding="max_length", max_length=build.T5_MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+        t5_emb.append(t5(ids)[0].half())
+    cache = {
+        "latents": latents, "cap_idx": torch.tensor([index[c] for c in captions]),
+        "t5": torch.cat(t5_emb), "pooled": torch.cat(pooled), "empty": index[""],
+        "shift": latents.mean().item(), "scale": 1.0 / latents.std().item(),
+    }
+    save_atomic(cache, path)
+    return cache
+
+
+# ----- stage 4: transformer -------------------------------------------------------------------------
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, 4C]: FLUX's 2x2 patch packing (same order as FluxPipeline)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def image_ids(h: int, w: int) -> torch.Tensor:
+    """Position ids of packed latent tokens: (0, row, col), as FluxPipeline builds them."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def train_transformer(work: Path, cache: dict, steps: int, batch: int, seed: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**build.TRANSFORMER_CONFIG)
+    ema = FluxTransformer2DModel(**build.TRANSFORMER_CONFIG)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    ckpt, start = work / "transformer.pt", 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        torch.set_rng_state(state["rng"])
+    if start >= steps:
+        return ema
+    lat = (cache["latents"] - cache["shift"]) * cache["scale"]
+    n, _, h, w = lat.shape
+    img_ids, txt_ids = image_ids(h, w), torch.zeros(build.T5_MAX_LENGTH, 3)
+    shift = math.exp(build.SCHEDULER_CONFIG["base_shift"])  # FLUX's resolution shift at 64 tokens
+    warmup, t0 = 300, time.time()
+    for step in range(start, steps):
+        lr = 5e-4 * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, n, (batch,))
+        x0 = pack(lat[idx])
+        cap = cache["cap_idx"][idx].clone()
+        cap[torch.rand(batch) < CAPTION_DROPOUT] = cache["empty"]
+        s = torch.sigmoid(torch.randn(batch))
+        s = shift * s / (1 + (shift - 1) * s)
+        noise = torch.randn_like(x0)
+        xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
+        pred = model(hidden_states=xt, timestep=s, encoder_hidden_states=cache["t5"][cap].float(),
+                     pooled_projections=cache["pooled"][cap], txt_ids=txt_ids, img_ids=img_ids,
+                     return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        if (step + 1) % 100 == 0:
+            log(work, f"transformer step {step + 1}/{steps} loss {loss.item():.4f} lr {lr:.2e} "
+                      f"({time.time() - t0:.0f}s)")
+        if (step + 1) % 500 == 0 or step + 1 == steps:
+            save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "step": step + 1, "rng": torch.get_rng_state()}, ckpt)
+    return ema
+
+
+def assemble(out: Path, skeleton: Path, vae, transformer, cache: dict) -> None:
+    """Write the final diffusers pipeline directory (loadable by FluxPipeline.from_pretrained)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    vae.register_to_config(shift_factor=cache["shift"], scaling_factor=cache["scale"])
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(skeleton / "scheduler"),
+        vae=vae.eval(), text_encoder=CLIPTextModel.from_pretrained(skeleton / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(skeleton / "tokenizer"),
+        text_encoder_2=T5EncoderModel.from_pretrained(skeleton / "text_encoder_2"),
+        tokenizer_2=T5TokenizerFast.from_pretrained(skeleton / "tokenizer_2"),
+        transformer=transformer.eval(),
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    (tmp / "fluxlora_toy.json").write_text(json.dumps({"sample": SAMPLE_DEFAULTS}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+
+
+def pretrain(out: Path, work: Path, vae_steps: int = 1200, transformer_steps: int = 4000,
+             batch: int = 48, pool: int = 30000, seed: int = 0, threads: int | None = None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    skeleton = work / "skeleton"
+    if not (skeleton / "scheduler").exists():
+        build.build_skeleton(skeleton, seed)
+    log(work, "stage vae")
+    vae = train_vae(work, vae_steps, 12, seed)
+    log(work, "stage cache")
+    cache = build_cache(work, skeleton, vae, pool, seed)
+    log(work, f"latent shift {cache['shift']:.4f} scale {cache['scale']:.4f}")
+    transformer = train_transformer(work, cache, transformer_steps, batch, seed)
+    assemble(out, skeleton, vae, transformer, cache)
+    log(work, f"done in {time.time() - t0:.0f}s (this invocation) -> {out}")
