@@ -243,7 +243,7 @@ def assemble(out: Path, skeleton: Path, vae, transformer, cache: dict) -> None:
     tmp.replace(out)
 
 
-def pretrain(out: Path, work: Path, vae_steps: int = 1200, transformer_steps: int = 4000,
+def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: int = 4000,
              batch: int = 48, pool: int = 30000, seed: int = 0, threads: int | None = None) -> None:
     if threads:
         torch.set_num_threads(threads)

@@ -1,0 +1,177 @@
+"""Adapter injection through peft, the init seam, trainable parameters and the exportable delta.
+
+The only module that touches model structure (STYLE rule 10). Base weights are never mutated
+(DESIGN decision 1): a method with a non-zero initial product B0 A0 gets a second, frozen adapter
+"offset" holding (A0, -B0), so every adapted layer computes W x + s (B A - B0 A0) x and the step-0
+output equals the base output. Export concatenates the two: A' = [A; A0], B' = [B, -B0] (rank 2r, same
+scale), an exact delta against the pristine base.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fluxlora import inits
+
+SUBJECT, OFFSET = "subject", "offset"
+
+
+class AdapterError(ValueError):
+    """A user-facing problem with the adapter settings (targets, rank, ...)."""
+
+
+@dataclass
+class AdapterInfo:
+    method: str
+    rank: int
+    scale: float  # the multiplier s of B A
+    targets: list[str]
+    has_offset: bool
+    init_seconds: float = 0.0
+    trainable_params: int = 0
+    layers: dict[str, dict] = field(default_factory=dict)  # per-layer init statistics
+
+
+def scale_for(rank: int, alpha: float, scaling: str, coefficient: float) -> float:
+    """The adapter multiplier s: alpha/r (standard), alpha/sqrt(r) (rsLoRA, arXiv 2312.03732) or
+    C/sqrt(r) (the LoRA-alpha square-root law, METHODS.md section 4)."""
+    if scaling == "standard":
+        return alpha / rank
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    if scaling == "lora_alpha":
+        return coefficient / math.sqrt(rank)
+    raise AdapterError(f"unknown adapter.scaling {scaling!r}; valid: standard, rslora, lora_alpha")
+
+
+def find_targets(model: nn.Module, suffixes: list[str]) -> list[str]:
+    """Full names of the nn.Linear modules whose name ends with one of ``suffixes``."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(n == s or n.endswith("." + s) for s in suffixes)]
+    if not names:
+        raise AdapterError(f"no Linear layer of the model matches adapter targets {suffixes} -> fix: "
+                           "use a preset (attn, attn_context, wide) or module-name suffixes such as to_q")
+    return names
+
+
+def float_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as fp32 (n, m), dequantizing bitsandbytes int8 / 4-bit weights."""
+    w = layer.weight
+    cls = type(w).__name__
+    if cls == "Int8Params" and getattr(w, "SCB", None) is not None:
+        return w.data.float() * w.SCB.float().unsqueeze(1) / 127.0
+    if cls == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    return w.detach().float()
+
+
+def _lora_config(rank: int, scale: float, targets: list[str], dropout: float):
+    from peft import LoraConfig
+
+    # peft's scaling is lora_alpha / r; express every rule through lora_alpha = s * r.
+    return LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=targets, lora_dropout=dropout,
+                      init_lora_weights=True)
+
+
+def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list[str], *,
+           dropout: float = 0.0, seed: int = 0, niter: int = 4, skip_init: bool = False) -> AdapterInfo:
+    """Add the trainable "subject" adapter (and the frozen "offset" when B0 A0 != 0) and initialize it.
+
+    ``skip_init`` only builds the structure (resume loads the saved tensors right after)."""
+    if method not in inits.INITS:
+        raise AdapterError(f"unknown adapter.init {method!r}; valid: {', '.join(sorted(inits.INITS))}")
+    has_offset = method not in inits.ZERO_PRODUCT
+    model.add_adapter(_lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
+    if has_offset:
+        model.add_adapter(_lora_config(rank, scale, targets, 0.0), adapter_name=OFFSET)
+    model.set_adapters([SUBJECT, OFFSET] if has_offset else [SUBJECT])
+    info = AdapterInfo(method, rank, scale, targets, has_offset)
+    if not skip_init:
+        t0 = time.perf_counter()
+        info.layers = _initialize(model, method, rank, scale, targets, seed, niter, has_offset)
+        info.init_seconds = time.perf_counter() - t0
+    _freeze_all_but_subject(model)
+    info.trainable_params = sum(p.numel() for p in trainable_parameters(model))
+    return info
+
+
+@torch.no_grad()
+def _initialize(model, method, rank, scale, targets, seed, niter, has_offset) -> dict[str, dict]:
+    """One layer at a time, in fp32 on the layer's device: no second copy of the model."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    stats = {}
+    for name in targets:
+        layer = model.get_submodule(name)
+        W = float_weight(layer.get_base_layer())
+        try:
+            res = inits.init_factors(method, W, rank, scale, generator=gen, niter=niter)
+        except inits.InitError as e:
+            raise AdapterError(f"{name} ({W.shape[0]}x{W.shape[1]}): {e}") from e
+        a, b = layer.lora_A[SUBJECT].weight, layer.lora_B[SUBJECT].weight
+        a.copy_(res.A0.to(a)), b.copy_(res.B0.to(b))
+        if has_offset:
+            layer.lora_A[OFFSET].weight.copy_(res.A0.to(a))
+            layer.lora_B[OFFSET].weight.copy_(-res.B0.to(b))
+        stats[name] = res.stats
+    return stats
+
+
+def _freeze_all_but_subject(model: nn.Module) -> None:
+    # Activating adapters turns requires_grad on for all of them: only "subject" A/B may train.
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".{SUBJECT}." in n and ("lora_A" in n or "lora_B" in n))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def param_groups(model: nn.Module, lr: float, lr_ratio_b: float) -> list[dict]:
+    """Optimizer groups: A at lr, B at lr * lr_ratio_b (LoRA+, arXiv 2402.12354)."""
+    a = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" not in n]
+    b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    return [{"params": a, "lr": lr, "name": "A"}, {"params": b, "lr": lr * lr_ratio_b, "name": "B"}]
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All LoRA tensors of both adapters (for checkpoints)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise AdapterError(f"checkpoint has adapter tensors the model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def remove(model: nn.Module, info: AdapterInfo) -> None:
+    """Take the arm's adapters out, leaving the pristine base for the next arm."""
+    model.delete_adapters([SUBJECT, OFFSET] if info.has_offset else [SUBJECT])
+
+
+@torch.no_grad()
+def export_delta(model: nn.Module, info: AdapterInfo, dtype=torch.float32):
+    """-> (state dict with diffusers/peft keys '<layer>.lora_A.weight', LoraConfig) of the exact delta
+    s (B A - B0 A0) against the pristine base; rank 2r when there is an offset."""
+    out = {}
+    for name in info.targets:
+        layer = model.get_submodule(name)
+        a, b = layer.lora_A[SUBJECT].weight.float(), layer.lora_B[SUBJECT].weight.float()
+        if info.has_offset:
+            a = torch.cat([a, layer.lora_A[OFFSET].weight.float()], dim=0)
+            b = torch.cat([b, layer.lora_B[OFFSET].weight.float()], dim=1)
+        out[f"{name}.lora_A.weight"] = a.to(dtype).cpu().contiguous()
+        out[f"{name}.lora_B.weight"] = b.to(dtype).cpu().contiguous()
+    rank = info.rank * (2 if info.has_offset else 1)
+    return out, _lora_config(rank, info.scale, info.targets, 0.0)

@@ -1,0 +1,337 @@
+"""Instance-image loading and validation for DreamBooth-style training.
+
+``scan_folder`` is the up-front validation step: every image is opened and fully decoded before any model
+loads, so a bad file costs one warning line now instead of a crash hours into training. The behaviour for
+each kind of input is tabulated in ``docs/data_handling.md``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import hashlib
+import random
+import stat
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_EXT = ".txt"
+# Refuse images above this many pixels before decoding them (64 MPix of RGB is ~200 MB decoded). Lower
+# than PIL's own default limit so it is the guard that fires; the global Image.MAX_IMAGE_PIXELS is untouched.
+MAX_PIXELS = 64 * 1024 * 1024
+# longer/shorter side above this: a square centre crop would keep less than a quarter of the image.
+MAX_ASPECT = 4.0
+_MAX_LISTED = 20  # file names spelled out in one error message; the rest are counted
+
+# Damaged files surface as any of these depending on the codec plugin that trips over them.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    image: Image.Image  # RGB, EXIF orientation applied
+    caption: str
+
+
+class DataError(Exception):
+    """User-facing data problem; the message names the folder or file and the fix."""
+
+
+class _Skip(Exception):
+    """One file is unusable; the message is the reason, turned into a warning line by the scanner."""
+
+
+# --------------------------------------------------------------------------------------------- listing
+
+
+def _check_folder(folder: str | Path) -> Path:
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder does not exist: {root} -> fix: check the folder path in your config")
+    if not root.is_dir():
+        raise DataError(f"data folder is not a directory: {root} -> fix: point the config at the folder "
+                        "that contains the images, not at a single file")
+    return root
+
+
+def _list_entries(root: Path) -> tuple[list[Path], dict[str, Path], list[str]]:
+    """Image paths (sorted by name), captions by stem, and one warning per caption without an image."""
+    try:
+        # Dot files are skipped: macOS copies leave "._photo.jpg" AppleDouble stubs that are not images.
+        entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    except OSError as exc:
+        raise DataError(f"cannot list data folder {root}: {_describe_os_error(exc)}") from exc
+    images = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
+    captions: dict[str, Path] = {}
+    for p in entries:
+        # An exact ".txt" wins over "FOO.TXT" when a case-sensitive file system holds both.
+        if p.suffix.lower() == CAPTION_EXT and (p.stem not in captions or p.suffix == CAPTION_EXT):
+            captions[p.stem] = p
+    image_stems = {p.stem for p in images}
+    orphans = [f"{p}: caption without image, ignored" for s, p in sorted(captions.items())
+               if s not in image_stems]
+    return images, captions, orphans
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
+        return "permission denied -> fix: make it readable (chmod a+r) or remove it"
+    if exc.errno == errno.ELOOP:
+        return "symlink loop -> fix: replace the link with the real file"
+    if exc.errno == errno.ENOENT:
+        return "broken symlink (target missing) -> fix: restore the target or remove the link"
+    return f"cannot read file ({exc.strerror or exc}) -> fix: re-copy or remove it"
+
+
+def _check_regular_file(path: Path) -> None:
+    """Cheap checks before PIL touches the file (opening a FIFO would block forever)."""
+    try:
+        st = path.stat()  # follows symlinks, so loops and dangling links fail here
+    except OSError as exc:
+        raise _Skip(_describe_os_error(exc)) from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise _Skip("is a directory, not an image file (sub-folders are not scanned)")
+    if not stat.S_ISREG(st.st_mode):
+        raise _Skip("not a regular file (device, FIFO or socket)")
+    if st.st_size == 0:
+        raise _Skip("empty file (0 bytes) -> fix: re-copy or remove it")
+
+
+def _check_geometry(size: tuple[int, int], min_size: int) -> None:
+    """Works on the header size, before decoding; rotation-invariant, so EXIF orientation doesn't matter."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise _Skip(f"too many pixels ({w}x{h} > {MAX_PIXELS} px, possible decompression bomb) -> fix: "
+                    "downscale it")
+    if min(w, h) < min_size:
+        raise _Skip(f"too small ({w}x{h}, shorter side < {min_size} px) -> fix: use a larger image")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise _Skip(f"extreme aspect ratio ({w}x{h}, more than {MAX_ASPECT:g}:1): a square crop would "
+                    "discard most of it -> fix: crop it closer to square")
+
+
+def _from_16bit(img: Image.Image) -> Image.Image:
+    # PIL's own convert clips 16-bit values to 255 (all white); rescale 0..65535 onto 0..255 instead.
+    arr = np.asarray(img).astype(np.float64)
+    arr = np.clip(arr, 0, 65535) / 257.0
+    return Image.fromarray(np.rint(arr).astype(np.uint8)).convert("RGB")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    # Transparent areas become white rather than PIL's default black (or whatever colour hides under alpha).
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """Convert any decoded mode to RGB; returns the image and an optional note for the warning list."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img, None
+    if mode in _SIXTEEN_BIT_MODES:
+        return _from_16bit(img), "16-bit image scaled to 8-bit"
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        return _on_white(img), None
+    if mode == "CMYK":
+        return img.convert("RGB"), "CMYK converted to RGB without colour management (colours may shift)"
+    return img.convert("RGB"), None  # L, 1, P, YCbCr, ...
+
+
+def _upright(img: Image.Image, notes: list[str]) -> Image.Image:
+    # A malformed EXIF block should not cost the picture: keep it as stored and say so.
+    try:
+        return ImageOps.exif_transpose(img)
+    except (*_DECODE_ERRORS, KeyError, TypeError) as exc:
+        notes.append(f"EXIF orientation unreadable ({exc}), used as stored")
+        return img
+
+
+def _decode(path: Path, min_size: int, notes: list[str]) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            _check_geometry(img.size, min_size)  # the real bomb guard: header only, nothing decoded yet
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                notes.append(f"animated ({frames} frames), using the first frame only")
+            img.load()  # force the full decode so truncation shows up now, not mid-training
+            rgb, note = _to_rgb(_upright(img, notes))
+            if note:
+                notes.append(note)
+            return rgb.copy() if rgb is img else rgb  # detach from the file before it closes
+
+
+def _load_image(path: Path, min_size: int) -> tuple[Image.Image, list[str]]:
+    """Decoded RGB image plus notes, or _Skip with the reason."""
+    _check_regular_file(path)
+    notes: list[str] = []
+    try:
+        return _decode(path, min_size, notes), notes
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _Skip(f"possible decompression bomb ({exc}) -> fix: downscale it") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise _Skip("not an image (content not recognised despite the extension) -> fix: remove it or "
+                    "re-export it as PNG/JPEG") from exc
+    except OSError as exc:
+        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.ELOOP, errno.ENOENT):
+            raise _Skip(_describe_os_error(exc)) from exc
+        raise _Skip(f"corrupt or truncated image ({exc}) -> fix: re-copy or re-export it") from exc
+    except _DECODE_ERRORS as exc:
+        raise _Skip(f"corrupt image ({type(exc).__name__}: {exc}) -> fix: re-copy or re-export it") from exc
+
+
+def _load_all(paths: list[Path], min_size: int) -> tuple[list[tuple[Path, Image.Image]], list[str]]:
+    """Decode every image; skip unusable ones and exact pixel duplicates (the first by name is kept)."""
+    loaded: list[tuple[Path, Image.Image]] = []
+    lines: list[str] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        try:
+            img, notes = _load_image(path, min_size)
+        except _Skip as skip:
+            lines.append(f"{path}: skipped: {skip}")
+            continue
+        lines.extend(f"{path}: {note}" for note in notes)
+        digest = hashlib.sha256(repr(img.size).encode() + img.tobytes()).hexdigest()
+        if digest in seen:
+            lines.append(f"{path}: skipped: exact duplicate of {seen[digest].name}")
+            continue
+        seen[digest] = path
+        loaded.append((path, img))
+    return loaded, lines
+
+
+# --------------------------------------------------------------------------------------------- captions
+
+
+def _decode_caption(raw: bytes) -> str:
+    # UTF-32 is tested first because its little-endian BOM starts with the UTF-16 one.
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        text = raw.decode("utf-32")
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = raw.decode("utf-16")
+    else:
+        text = raw.decode("utf-8-sig")
+    if "\x00" in text:  # typically UTF-16 saved without a BOM: "valid" UTF-8 full of NULs
+        raise ValueError("contains NUL bytes")
+    return text.strip()
+
+
+def _read_caption(path: Path) -> tuple[str | None, str | None]:
+    """(caption, None) when usable, else (None, why it is not)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, f"caption unreadable: {_describe_os_error(exc)}"
+    try:
+        text = _decode_caption(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, f"caption is not UTF-8/UTF-16 text ({exc}) -> fix: save it as UTF-8"
+    if not text:
+        return None, "caption file is empty"
+    return text, None
+
+
+def _attach_captions(loaded: list[tuple[Path, Image.Image]], captions: dict[str, Path],
+                     default: str | None) -> tuple[list[Sample], list[str], list[str]]:
+    """Samples, warning lines, and the images left without any caption (only when default is None)."""
+    samples: list[Sample] = []
+    lines: list[str] = []
+    missing: list[str] = []
+    for path, img in loaded:
+        cap_path = captions.get(path.stem)
+        text, problem = _read_caption(cap_path) if cap_path else (None, None)
+        if text is None and default is None:
+            missing.append(f"{path.name} ({problem})" if problem else path.name)
+            continue
+        if problem:
+            lines.append(f"{cap_path}: {problem}; using data.instance_prompt instead")
+        samples.append(Sample(path=path, image=img, caption=text if text is not None else default))
+    return samples, lines, missing
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    extra = len(items) - _MAX_LISTED
+    return shown + (f", ... and {extra} more" if extra > 0 else "")
+
+
+def scan_folder(folder: str | Path, default_prompt: str | None, *,
+                min_size: int = 32) -> tuple[list[Sample], list[str]]:
+    """Open and fully check every image in ``folder`` (not recursive); returns (samples, warning lines)."""
+    root = _check_folder(folder)
+    # A blank instance prompt is no prompt: it must not silently become the caption of every image.
+    default = default_prompt.strip() if default_prompt and default_prompt.strip() else None
+    paths, captions, orphan_lines = _list_entries(root)
+    if not paths:
+        raise DataError(f"no usable images in {root}: no files named *{', *'.join(IMAGE_EXTS)} -> fix: put "
+                        "the instance images directly in this folder (sub-folders are not scanned)")
+    loaded, lines = _load_all(paths, min_size)
+    if not loaded:
+        raise DataError(f"no usable images in {root}: all {len(paths)} image files were skipped:\n  "
+                        + "\n  ".join(lines[:_MAX_LISTED])
+                        + "\n-> fix: replace or repair the files listed above")
+    samples, caption_lines, missing = _attach_captions(loaded, captions, default)
+    if missing:
+        raise DataError(f"images without a usable caption in {root}: {_listed(missing)} -> fix: add a .txt "
+                        "caption beside each image (photo.png -> photo.txt) or set data.instance_prompt")
+    return samples, lines + caption_lines + orphan_lines
+
+
+def load_samples(folder: str | Path, default_prompt: str | None, *, min_size: int = 32,
+                 warn: Callable[[str], object] = print) -> list[Sample]:
+    """scan_folder, reporting each warning line through ``warn``."""
+    samples, lines = scan_folder(folder, default_prompt, min_size=min_size)
+    for line in lines:
+        warn(line)
+    return samples
+
+
+def prepare_image(img: Image.Image, resolution: int, *, center_crop: bool = True,
+                  rng: random.Random | None = None) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, crop a square; float32 [3, res, res] in [-1, 1].
+
+    With ``center_crop=False`` the crop offset comes from ``rng`` (the global ``random`` module when None,
+    so the trainer's seeding still applies).
+    """
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if size != (w, h):
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    if center_crop:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        source = rng if rng is not None else random
+        left, top = source.randint(0, spare_x), source.randint(0, spare_y)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32) / 127.5 - 1.0
+
+
+def hflip(t: torch.Tensor) -> torch.Tensor:
+    """Mirror a [3, H, W] image tensor left-right."""
+    return t.flip(-1)

@@ -1,0 +1,42 @@
+"""A tiny random-weight FLUX pipeline written to disk, for tests and offline smoke runs.
+
+It is a real diffusers pipeline directory (loaded back with ``FluxPipeline.from_pretrained``), so the
+code path under test is the one real checkpoints take. Text side as in the toy base model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fluxlora.toy import build
+
+TINY_TRANSFORMER = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
+def build_tiny_flux(out: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Write a tiny FLUX pipeline (random weights, seeded) to ``out`` and return it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    out = Path(out)
+    skeleton = out.with_name(out.name + "-parts")
+    build.build_skeleton(skeleton, seed)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**{**TINY_TRANSFORMER, "guidance_embeds": guidance_embeds})
+    vae = AutoencoderKL(**build.VAE_CONFIG)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**build.SCHEDULER_CONFIG), vae=vae.eval(),
+        text_encoder=CLIPTextModel.from_pretrained(skeleton / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(skeleton / "tokenizer"),
+        text_encoder_2=T5EncoderModel.from_pretrained(skeleton / "text_encoder_2"),
+        tokenizer_2=T5TokenizerFast.from_pretrained(skeleton / "tokenizer_2"),
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(out)
+    return out

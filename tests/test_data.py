@@ -1,0 +1,399 @@
+"""Tests for fluxlora.data: every fixture image is generated here with PIL into tmp_path."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluxlora import data
+from fluxlora.data import DataError, hflip, load_samples, prepare_image, scan_folder
+
+PROMPT = "a photo of sks dog"
+
+
+def _noise(size=(64, 48), seed=0) -> Image.Image:
+    # Random pixels, so no two fixtures are accidental duplicates of each other.
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def _scan(folder: Path, prompt: str | None = PROMPT, **kw):
+    samples, lines = scan_folder(folder, prompt, **kw)
+    return {s.path.name: s for s in samples}, lines
+
+
+def _lines_for(lines: list[str], name: str) -> list[str]:
+    return [line for line in lines if name in line]
+
+
+# ------------------------------------------------------------------------------------------ formats
+
+
+def test_normal_formats_and_uppercase_extension(tmp_path):
+    for i, name in enumerate(["a.jpg", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.PNG", "g.JpG"]):
+        _save(_noise(seed=i), tmp_path / name)
+    (tmp_path / "notes.md").write_text("ignored")
+    (tmp_path / "model.gif").write_bytes(b"GIF89a")
+    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # dot files: ignored silently
+    by_name, lines = _scan(tmp_path)
+    assert list(by_name) == ["a.jpg", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.PNG", "g.JpG"]
+    assert lines == []
+    for s in by_name.values():
+        assert s.image.mode == "RGB" and s.image.size == (64, 48) and s.caption == PROMPT
+
+
+def test_exif_rotation_applied(tmp_path):
+    img = Image.new("RGB", (60, 40), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 30, 40))  # left half blue, right half red
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    _save(img, tmp_path / "rot.jpg", exif=exif, quality=95)
+    s = _scan(tmp_path)[0]["rot.jpg"]
+    assert s.image.size == (40, 60)
+    # After a 90 degree clockwise turn the stored left (blue) half is on top.
+    top, bottom = s.image.getpixel((20, 5)), s.image.getpixel((20, 55))
+    assert top[2] > 200 and top[0] < 50
+    assert bottom[0] > 200 and bottom[2] < 50
+
+
+@pytest.mark.parametrize("mode,fill", [("RGBA", (10, 20, 30, 0)), ("LA", (10, 0))])
+def test_alpha_composited_on_white(tmp_path, mode, fill):
+    img = Image.new(mode, (40, 40), fill)
+    opaque = (200, 0, 0, 255) if mode == "RGBA" else (50, 255)
+    img.paste(opaque, (0, 0, 20, 40))
+    _save(img, tmp_path / "x.png")
+    s = _scan(tmp_path)[0]["x.png"]
+    assert s.image.getpixel((30, 10)) == (255, 255, 255)
+    assert s.image.getpixel((5, 10)) == ((200, 0, 0) if mode == "RGBA" else (50, 50, 50))
+
+
+def test_palette_with_transparency(tmp_path):
+    img = Image.new("P", (40, 40), 0)
+    img.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    img.paste(1, (0, 0, 20, 40))
+    _save(img, tmp_path / "p.png", transparency=0)
+    s = _scan(tmp_path)[0]["p.png"]
+    assert s.image.getpixel((30, 5)) == (255, 255, 255)  # transparent index -> white, not black
+    assert s.image.getpixel((5, 5)) == (0, 200, 0)
+
+
+def test_cmyk_converted_with_note(tmp_path):
+    _save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), tmp_path / "c.jpg")
+    by_name, lines = _scan(tmp_path)
+    r, g, b = by_name["c.jpg"].image.getpixel((20, 20))
+    assert r > 200 and g < 60 and b < 60
+    assert len(_lines_for(lines, "c.jpg")) == 1 and "CMYK" in lines[0]
+
+
+def test_16bit_scaled_not_clipped(tmp_path):
+    img = Image.fromarray(np.full((40, 40), 32896, dtype=np.uint16))  # 128 * 257
+    assert img.mode == "I;16"
+    _save(img, tmp_path / "deep.png")
+    by_name, lines = _scan(tmp_path)
+    assert by_name["deep.png"].image.getpixel((3, 3)) == (128, 128, 128)
+    assert len(lines) == 1 and "16-bit" in lines[0]
+
+
+def test_16bit_mode_i_scaled():
+    # Older Pillow opens 16-bit PNGs as mode "I"; the same 0..65535 range must map onto 0..255.
+    img = Image.fromarray(np.full((40, 40), 65535, dtype=np.int32)).convert("I")
+    assert data._to_rgb(img)[0].getpixel((0, 0)) == (255, 255, 255)
+    img = Image.fromarray(np.full((40, 40), 257 * 64, dtype=np.int32)).convert("I")
+    assert data._to_rgb(img)[0].getpixel((0, 0)) == (64, 64, 64)
+
+
+def test_one_bit_and_grayscale(tmp_path):
+    one = Image.new("1", (40, 40), 1)
+    one.paste(0, (0, 0, 20, 40))
+    _save(one, tmp_path / "one.png")
+    _save(Image.new("L", (40, 40), 77), tmp_path / "gray.bmp")
+    by_name, lines = _scan(tmp_path)
+    assert by_name["one.png"].image.getpixel((5, 5)) == (0, 0, 0)
+    assert by_name["one.png"].image.getpixel((30, 5)) == (255, 255, 255)
+    assert by_name["gray.bmp"].image.getpixel((5, 5)) == (77, 77, 77)
+    assert lines == []
+
+
+@pytest.mark.parametrize("ext", ["webp", "png"])
+def test_animated_uses_first_frame(tmp_path, ext):
+    frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / f"anim.{ext}", save_all=True, append_images=frames[1:], duration=100,
+                   **({"lossless": True} if ext == "webp" else {}))
+    by_name, lines = _scan(tmp_path)
+    assert by_name[f"anim.{ext}"].image.getpixel((20, 20)) == (255, 0, 0)
+    assert len(lines) == 1 and "first frame" in lines[0] and f"anim.{ext}" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ skips
+
+
+def _assert_skipped(tmp_path, name, reason_word, **kw):
+    _save(_noise(seed=99), tmp_path / "good.png")
+    by_name, lines = _scan(tmp_path, **kw)
+    assert list(by_name) == ["good.png"]
+    mine = _lines_for(lines, name)
+    assert len(mine) == 1 and "skipped" in mine[0] and reason_word in mine[0], lines
+    return mine[0]
+
+
+def test_tiny_image_skipped(tmp_path):
+    _save(_noise((20, 50)), tmp_path / "tiny.png")
+    _assert_skipped(tmp_path, "tiny.png", "too small")
+
+
+def test_extreme_aspect_skipped(tmp_path):
+    _save(_noise((410, 100)), tmp_path / "wide.png")
+    _save(_noise((400, 100), seed=3), tmp_path / "ok_wide.png")  # exactly 4:1 is still accepted
+    by_name, lines = _scan(tmp_path)
+    assert list(by_name) == ["ok_wide.png"]
+    assert len(lines) == 1 and "wide.png" in lines[0] and "aspect" in lines[0]
+
+
+def test_decompression_bomb_guard(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_PIXELS", 100 * 100)
+    _save(_noise((101, 100)), tmp_path / "bomb.png")
+    before = Image.MAX_IMAGE_PIXELS
+    _assert_skipped(tmp_path, "bomb.png", "decompression bomb")
+    assert Image.MAX_IMAGE_PIXELS == before  # the global PIL limit is never touched
+
+
+def test_pil_bomb_warning_is_a_skip(tmp_path, monkeypatch):
+    # PIL's own guard (warning -> error) also ends as a skip, even if our limit were higher.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)
+    _save(_noise((60, 60)), tmp_path / "big.png")
+    _save(_noise((110, 110)), tmp_path / "huge.png")  # > 2x the limit: DecompressionBombError
+    _save(_noise((40, 40), seed=5), tmp_path / "good.png")
+    by_name, lines = _scan(tmp_path)
+    assert list(by_name) == ["good.png"]
+    assert all("decompression bomb" in line for line in lines) and len(lines) == 2
+
+
+def test_zero_byte_skipped(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    _assert_skipped(tmp_path, "empty.jpg", "0 bytes")
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png"])
+def test_truncated_skipped(tmp_path, ext):
+    path = _save(_noise((200, 200), seed=7), tmp_path / f"cut.{ext}")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    _assert_skipped(tmp_path, f"cut.{ext}", "truncated")
+
+
+def test_text_with_image_extension_skipped(tmp_path):
+    (tmp_path / "fake.png").write_text("this is not a picture")
+    _assert_skipped(tmp_path, "fake.png", "not an image")
+
+
+def test_unreadable_permissions_skipped(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: root can read files without read permission")
+    path = _save(_noise(), tmp_path / "locked.png")
+    path.chmod(0)
+    try:
+        _assert_skipped(tmp_path, "locked.png", "permission denied")
+    finally:
+        path.chmod(0o644)
+
+
+def test_permission_error_path_via_monkeypatch(tmp_path, monkeypatch):
+    _save(_noise(), tmp_path / "locked.png")
+    real_open = Image.open
+
+    def fake_open(fp, *a, **kw):
+        if Path(fp).name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **kw)
+
+    monkeypatch.setattr(data.Image, "open", fake_open)
+    _assert_skipped(tmp_path, "locked.png", "permission denied")
+
+
+def test_symlink_loop_and_broken_link_skipped(tmp_path):
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    os.symlink(tmp_path / "missing.png", tmp_path / "dangling.jpg")
+    (tmp_path / "folder.png").mkdir()
+    _save(_noise(), tmp_path / "good.png")
+    by_name, lines = _scan(tmp_path)
+    assert list(by_name) == ["good.png"]
+    assert "symlink loop" in _lines_for(lines, "a.png")[0]
+    assert "symlink loop" in _lines_for(lines, "b.png")[0]
+    assert "broken symlink" in _lines_for(lines, "dangling.jpg")[0]
+    assert "directory" in _lines_for(lines, "folder.png")[0]
+
+
+def test_duplicates_keep_first_by_name(tmp_path):
+    img = _noise(seed=4)
+    _save(img, tmp_path / "b.png")
+    _save(img, tmp_path / "a.bmp")  # same pixels, different container
+    by_name, lines = _scan(tmp_path)
+    assert list(by_name) == ["a.bmp"]
+    assert len(lines) == 1 and "b.png" in lines[0] and "duplicate of a.bmp" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ captions
+
+
+@pytest.mark.parametrize("raw", [
+    codecs.BOM_UTF8 + "  a photo of sks café \n".encode(),
+    "a photo of sks café".encode("utf-8"),
+    "a photo of sks café\r\n".encode("utf-16"),  # with BOM, native order
+    codecs.BOM_UTF16_LE + "a photo of sks café".encode("utf-16-le"),
+    codecs.BOM_UTF16_BE + "a photo of sks café".encode("utf-16-be"),
+])
+def test_caption_encodings(tmp_path, raw):
+    _save(_noise(), tmp_path / "x.png")
+    (tmp_path / "x.txt").write_bytes(raw)
+    by_name, lines = _scan(tmp_path, None)
+    assert by_name["x.png"].caption == "a photo of sks café"
+    assert lines == []
+
+
+def test_caption_sources_and_empty_caption_fallback(tmp_path):
+    _save(_noise(seed=1), tmp_path / "a.PNG")
+    (tmp_path / "a.txt").write_text("own caption")  # beside the image: wins over the default
+    _save(_noise(seed=2), tmp_path / "b.png")  # no caption file: the default, silently
+    _save(_noise(), tmp_path / "x.png")
+    (tmp_path / "x.txt").write_text("  \n\t")  # blank: the default, with a warning
+    by_name, lines = _scan(tmp_path)
+    assert by_name["a.PNG"].caption == "own caption" and by_name["b.png"].caption == PROMPT
+    assert by_name["x.png"].caption == PROMPT
+    assert len(lines) == 1 and "x.txt" in lines[0] and "empty" in lines[0]
+
+
+# Latin-1 bytes are invalid UTF-8; UTF-16 without a BOM "decodes" as UTF-8 full of NULs and must not pass.
+@pytest.mark.parametrize("raw", [b"caf\xe9 latin-1 \x80", "sks dog".encode("utf-16-le")])
+def test_undecodable_caption_falls_back_with_warning(tmp_path, raw):
+    _save(_noise(), tmp_path / "x.png")
+    (tmp_path / "x.txt").write_bytes(raw)
+    by_name, lines = _scan(tmp_path)
+    assert by_name["x.png"].caption == PROMPT
+    assert len(lines) == 1 and "x.txt" in lines[0] and "UTF-8" in lines[0]
+
+
+def test_caption_without_image_warns(tmp_path):
+    _save(_noise(), tmp_path / "x.png")
+    (tmp_path / "orphan.txt").write_text("lonely")
+    (tmp_path / "README.md").write_text("ignored silently")
+    _, lines = _scan(tmp_path)
+    assert lines == [f"{tmp_path / 'orphan.txt'}: caption without image, ignored"]
+
+
+def test_missing_captions_without_default_is_one_error(tmp_path):
+    _save(_noise(seed=1), tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("fine")
+    _save(_noise(seed=2), tmp_path / "b.png")
+    _save(_noise(seed=3), tmp_path / "c.jpg")
+    _save(_noise(seed=4), tmp_path / "d.png")
+    (tmp_path / "d.txt").write_text("")
+    with pytest.raises(DataError) as err:
+        scan_folder(tmp_path, None)
+    msg = str(err.value)
+    assert "b.png" in msg and "c.jpg" in msg and "d.png (caption file is empty)" in msg
+    assert "a.png" not in msg and str(tmp_path) in msg
+    assert ".txt" in msg and "data.instance_prompt" in msg
+    with pytest.raises(DataError, match="b.png"):  # a blank default prompt counts as none
+        scan_folder(tmp_path, "   ")
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def test_empty_folder_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no usable images in") as err:
+        scan_folder(tmp_path, PROMPT)
+    assert str(tmp_path) in str(err.value) and "fix" in str(err.value)
+    # Image files that are all unusable: same refusal, with each file's reason.
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "fake.jpg").write_text("nope")
+    with pytest.raises(DataError, match="no usable images in") as err:
+        scan_folder(tmp_path, PROMPT)
+    assert "empty.png" in str(err.value) and "fake.jpg" in str(err.value)
+
+
+def test_nonexistent_and_file_folder_refused(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        scan_folder(tmp_path / "nope", PROMPT)
+    path = _save(_noise(), tmp_path / "x.png")
+    with pytest.raises(DataError, match="not a directory"):
+        scan_folder(path, PROMPT)
+
+
+def test_load_samples_reports_each_line(tmp_path):
+    _save(_noise(), tmp_path / "a.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "orphan.txt").write_text("x")
+    got: list[str] = []
+    samples = load_samples(str(tmp_path), PROMPT, warn=got.append)
+    assert [s.path.name for s in samples] == ["a.png"]
+    assert len(got) == 2 and "empty.png" in got[0] and "orphan.txt" in got[1]
+    with pytest.raises(AttributeError):  # Sample is frozen
+        samples[0].caption = "other"
+
+
+# ------------------------------------------------------------------------------------------ prepare_image
+
+
+def _thirds(size=(90, 30)) -> Image.Image:
+    img = Image.new("RGB", size, (255, 0, 0))
+    img.paste((0, 255, 0), (size[0] // 3, 0, 2 * size[0] // 3, size[1]))
+    img.paste((0, 0, 255), (2 * size[0] // 3, 0, size[0], size[1]))
+    return img
+
+
+def test_prepare_shape_range_dtype():
+    t = prepare_image(_noise((80, 60)), 32)
+    assert t.shape == (3, 32, 32) and t.dtype == torch.float32
+    assert t.min() >= -1.0 and t.max() <= 1.0
+    white = prepare_image(Image.new("RGB", (40, 40), (255, 255, 255)), 16)
+    black = prepare_image(Image.new("L", (40, 40), 0), 16)
+    assert torch.allclose(white, torch.ones_like(white)) and torch.allclose(black, -torch.ones_like(black))
+
+
+@pytest.mark.parametrize("size", [(90, 30), (30, 90), (31, 200), (500, 47)])
+def test_prepare_respects_resolution_for_non_square(size):
+    assert prepare_image(_noise(size), 24).shape == (3, 24, 24)
+    assert prepare_image(_noise(size), 24, center_crop=False, rng=random.Random(1)).shape == (3, 24, 24)
+
+
+def test_center_crop_takes_the_middle():
+    t = prepare_image(_thirds(), 30)
+    # The crop is exactly the green middle third (the 90x30 image is already at resolution height).
+    assert torch.allclose(t[1], torch.ones(30, 30), atol=1e-6)
+    assert torch.allclose(t[0], -torch.ones(30, 30), atol=1e-6)
+
+
+def test_random_crop_deterministic_and_varied():
+    img = _noise((120, 40), seed=8)
+    a = prepare_image(img, 40, center_crop=False, rng=random.Random(123))
+    b = prepare_image(img, 40, center_crop=False, rng=random.Random(123))
+    assert torch.equal(a, b)
+    crops = {prepare_image(img, 40, center_crop=False, rng=random.Random(s)).sum().item() for s in range(8)}
+    assert len(crops) > 1
+    # The offset is exactly the rng's draw over the spare width (90 - 30 = 60 columns).
+    img, expected_left = _thirds(), random.Random(0).randint(0, 60)
+    t = prepare_image(img, 30, center_crop=False, rng=random.Random(0))
+    ref = np.asarray(img.crop((expected_left, 0, expected_left + 30, 30)), dtype=np.float32) / 127.5 - 1
+    assert torch.allclose(t, torch.from_numpy(ref).permute(2, 0, 1))
+
+
+def test_hflip():
+    t, f = prepare_image(_noise(), 30), hflip(prepare_image(_noise(), 30))
+    assert f.shape == t.shape and torch.equal(f[:, :, 0], t[:, :, -1]) and torch.equal(hflip(f), t)
+    left = prepare_image(_thirds((30, 30)), 30)
+    assert left[0, 0, 0] == 1.0 and hflip(left)[2, 0, 0] == 1.0  # red left edge -> blue left edge
