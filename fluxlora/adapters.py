@@ -63,8 +63,10 @@ def float_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as fp32 (n, m), dequantizing bitsandbytes int8 / 4-bit weights."""
     w = layer.weight
     cls = type(w).__name__
-    if cls == "Int8Params" and getattr(w, "SCB", None) is not None:
-        return w.data.float() * w.SCB.float().unsqueeze(1) / 127.0
+    if cls == "Int8Params":
+        # bitsandbytes moves the row scales from the weight to the layer state after a forward.
+        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+        return w.data.float() * scb.float().unsqueeze(1) / 127.0
     if cls == "Params4bit":
         import bitsandbytes.functional as bnbf
 

@@ -47,7 +47,7 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None):
+def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None, quantize: str = "none"):
     """FluxPipeline.from_pretrained on a local directory or a hub id (HF_HUB_OFFLINE honoured)."""
     from diffusers import FluxPipeline
 
@@ -60,6 +60,9 @@ def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None):
         raise ModelLoadError(f"could not load FLUX pipeline {path!r}{hint}: {e}") from e
     for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.transformer):
         module.eval().requires_grad_(False)
+    from fluxlora.quantize import quantize_transformer
+
+    quantize_transformer(pipe.transformer, quantize, DTYPES[dtype])
     return pipe
 
 

@@ -95,7 +95,7 @@ def train_vae(work: Path, steps: int, batch: int, seed: int):
         imgs = [next(gen)[0] if rng.random() < 0.6 else generic_image(rng, 64) for _ in range(batch)]
         x = to_tensor(imgs)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        rec = vae.decode(post.mean).sample  # deterministic: sampled latents stalled training here
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -70,3 +70,19 @@ def subject_caption(bg: str, pos: str) -> str:
     return f"a {TRIGGER} emblem on a {bg} background, {pos}"
 
 
+
+
+def write_dataset(out, res: int = 64) -> None:
+    """Write the shipped subject dataset: NN.png + NN.txt per view, and the reference template."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (bg, pos) in enumerate(DATASET):
+        Image.fromarray(render_subject(bg, pos, res)).save(out / f"{i:02d}.png")
+        (out / f"{i:02d}.txt").write_text(subject_caption(bg, pos) + "\n", encoding="utf-8")
+    rgb, cover = template(res)
+    rgba = np.concatenate([rgb, cover[..., None] * 255.0], axis=-1)
+    Image.fromarray(np.clip(np.rint(rgba), 0, 255).astype(np.uint8), "RGBA").save(out.parent / "toy_subject_template.png")

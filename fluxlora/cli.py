@@ -1,0 +1,105 @@
+"""Command line: argument parsing and dispatch only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+EPILOG = """examples:
+  fluxlora train train_configs/toy_subject.yaml
+  fluxlora train my_subject.yaml train.steps=500 adapter.init=[lora,pissa,loram]
+  fluxlora train my_subject.yaml --resume
+  fluxlora export runs/toy_subject
+  fluxlora sample runs/toy_subject --prompt "a zxq emblem on a red background, center" --seed 3
+  fluxlora toy pretrain --out toy_base
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fluxlora", description="DreamBooth-style LoRA training for FLUX with "
+                                "the adapter initialization (LoRA, PiSSA, LoRAM, ...) as a comparable axis.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one or several adapter arms from a YAML config")
+    t.add_argument("config", help="YAML config (see train_configs/)")
+    t.add_argument("overrides", nargs="*", help="config overrides key.path=value, e.g. train.steps=100")
+    t.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoints")
+    e = sub.add_parser("export", help="re-export the adapters of a run from its latest checkpoints")
+    e.add_argument("run_dir", help="runs/<name>")
+    e.add_argument("--arm", action="append", help="only this arm (repeatable; default all)")
+    s = sub.add_parser("sample", help="generate images with a trained adapter through diffusers")
+    s.add_argument("run_dir", help="runs/<name>")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
+    s.add_argument("--arm", default=None, help="which arm (default: the first)")
+    s.add_argument("--out", default=None, help="output PNG (default: <arm>/sample-<seed>.png)")
+    toy = sub.add_parser("toy", help="the embedded toy base model")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    pt = toy_sub.add_parser("pretrain", help="pretrain the toy FLUX base model (resumable)")
+    pt.add_argument("--out", required=True, help="pipeline directory to write")
+    pt.add_argument("--work", default=None, help="work/resume folder (default: <out>.work)")
+    pt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def quiet_libraries() -> None:
+    """Silence import-time chatter of optional backends (they are not used)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from fluxlora.adapters import AdapterError
+    from fluxlora.checkpoint import CheckpointError
+    from fluxlora.config import ConfigError
+    from fluxlora.data import DataError
+    from fluxlora.families.flux import ModelLoadError
+    from fluxlora.runner import RunError
+
+    return ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError, RunError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        return dispatch(args)
+    except user_errors() as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: a checkpoint was saved; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def dispatch(args) -> int:
+    from fluxlora import commands
+
+    if args.command == "train":
+        return commands.train(args.config, args.overrides, args.resume)
+    if args.command == "export":
+        return commands.export(Path(args.run_dir), args.arm)
+    if args.command == "sample":
+        return commands.sample(Path(args.run_dir), args.prompt, args.seed, args.steps, args.arm, args.out)
+    if args.command == "toy":
+        from fluxlora.toy.pretrain import pretrain
+
+        out = Path(args.out)
+        pretrain(out, Path(args.work) if args.work else out.with_name(out.name + ".work"), threads=args.threads)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The CLI commands' bodies: train, export, sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fluxlora.rundir import GroupDir
+
+
+def train(config: str, overrides: list[str], resume: bool) -> int:
+    from fluxlora.config import load_config
+    from fluxlora.runner import run, summary_table
+
+    cfg = load_config(config, overrides)
+    results = run(cfg, resume=resume)
+    print(summary_table(results))
+    print(f"run folder: {Path(cfg.output_dir) / cfg.name}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _open_run(run_dir: Path):
+    from fluxlora.config import load_config
+    from fluxlora.runner import RunError
+
+    group = GroupDir(run_dir)
+    if not group.config_file.exists():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml) -> fix: pass runs/<name>")
+    return group, load_config(group.config_file)
+
+
+def export(run_dir: Path, arms: list[str] | None) -> int:
+    """Rebuild each arm from its latest checkpoint on the pristine base and write adapter.safetensors."""
+    from safetensors.torch import load_file
+
+    from fluxlora import adapters, checkpoint
+    from fluxlora import export as exporter
+    from fluxlora.families import FAMILIES
+    from fluxlora.runner import RunError
+
+    group, cfg = _open_run(run_dir)
+    family = FAMILIES[cfg.model.family]
+    pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
+    model, a = pipe.transformer, cfg.adapter
+    for name in arms or cfg.adapter.arms:
+        arm = group.arm(name)
+        ckpt = checkpoint.find(arm, "latest")
+        if ckpt is None:
+            raise RunError(f"arm {name} of {run_dir} has no complete checkpoint to export from")
+        scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
+        targets = adapters.find_targets(model, a.target_modules or family.TARGET_PRESETS[a.targets])
+        info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True)
+        adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
+        step = int(ckpt.name.split("-")[1])
+        path = exporter.export_arm(model, info, arm, cfg, name, step)
+        adapters.remove(model, info)
+        print(f"{name}: {path} (from {ckpt.name})")
+    return 0
+
+
+def sample(run_dir: Path, prompt: str, seed: int, steps: int | None, arm_name: str | None,
+           out: str | None) -> int:
+    """Generate through diffusers' own loader: FluxPipeline + load_lora_weights(adapter.safetensors)."""
+    from fluxlora.families import FAMILIES
+    from fluxlora.runner import RunError
+
+    group, cfg = _open_run(run_dir)
+    arm = group.arm(arm_name or cfg.adapter.arms[0])
+    if not arm.adapter_file.exists():
+        raise RunError(f"{arm.adapter_file} does not exist -> fix: finish training or run fluxlora export")
+    family = FAMILIES[cfg.model.family]
+    pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
+    pipe.load_lora_weights(str(arm.adapter_file))
+    max_len = cfg.model.max_sequence_length or family.default_max_sequence_length(cfg.model.path)
+    embeds, pooled = family.encode_prompts(pipe, [prompt], max_len)
+    neg = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
+    s = cfg.sample
+    image = family.generate(pipe, embeds, pooled, neg, seed, s.resolution or cfg.data.resolution,
+                            steps or s.steps, s.guidance, s.true_cfg)
+    path = Path(out) if out else arm.root / f"sample-{seed}.png"
+    image.save(path)
+    print(path)
+    return 0

@@ -1,0 +1,103 @@
+"""Everything computed once before the arms train: the base pipeline, cached latents and text embeddings.
+
+VAE latents are cached once per image (and its mirror when flipping), text embeddings once per unique
+caption; afterwards the VAE and text encoders leave the accelerator (DESIGN decision 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fluxlora import data
+from fluxlora.families import FAMILIES
+
+
+@dataclass
+class Cache:
+    latents: torch.Tensor  # [N, V, C, h, w], V = 2 with flip variants else 1
+    caption_idx: torch.Tensor  # [N] index into the prompt table
+
+
+@dataclass
+class Prepared:
+    family: object
+    pipe: object
+    device: torch.device
+    instance: Cache
+    prior: Cache | None
+    embeds: torch.Tensor  # [U, L, D] unique captions
+    pooled: torch.Tensor  # [U, P]
+    sample_prompts: list[str]
+    sample_embeds: tuple[torch.Tensor, torch.Tensor]
+    negative: tuple[torch.Tensor, torch.Tensor]
+    max_len: int
+    img_ids: torch.Tensor
+    stats: dict = field(default_factory=dict)
+    autocast: object = contextlib.nullcontext  # accelerate's mixed-precision context
+
+
+def encode_folder(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool,
+                  flip: bool, seed: int) -> torch.Tensor:
+    """Latents [N, V, C, h, w] of prepared images (random crops drawn once, from the seed)."""
+    rng = random.Random(seed)
+    out = []
+    for s in samples:
+        pix = data.prepare_image(s.image, resolution, center_crop=center_crop, rng=rng)
+        views = torch.stack([pix, data.hflip(pix)]) if flip else pix[None]
+        out.append(family.encode_images(pipe, views))
+    return torch.stack(out)
+
+
+def generate_class_images(family, pipe, folder: Path, prompt: str, count: int, resolution: int,
+                          max_len: int, steps: int, warn=print) -> None:
+    """Fill ``folder`` up to ``count`` images of ``prompt`` from the base model (prior preservation)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_EXTS])
+    if have >= count:
+        return
+    warn(f"generating {count - have} class images of {prompt!r} into {folder}")
+    embeds, pooled = family.encode_prompts(pipe, [prompt], max_len)
+    for i in range(have, count):
+        img = family.generate(pipe, embeds, pooled, None, seed=i, resolution=resolution, steps=steps,
+                              guidance=3.5, true_cfg=1.0)
+        img.save(folder / f"class_{i:04d}.png")
+
+
+def prepare(cfg, device: torch.device, warn=print) -> Prepared:
+    family = FAMILIES[cfg.model.family]
+    samples = data.load_samples(cfg.data.instance_dir, cfg.data.instance_prompt, warn=warn)
+    pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
+    max_len = cfg.model.max_sequence_length or family.default_max_sequence_length(cfg.model.path)
+    pipe.vae.to(device), pipe.text_encoder.to(device), pipe.text_encoder_2.to(device)
+    class_samples = []
+    if cfg.data.class_prompt:
+        folder = Path(cfg.data.class_dir or Path(cfg.output_dir) / cfg.name / "class_images")
+        if cfg.data.num_class_images:
+            generate_class_images(family, pipe, folder, cfg.data.class_prompt, cfg.data.num_class_images,
+                                  cfg.data.resolution, max_len, cfg.sample.steps, warn)
+        class_samples = data.load_samples(folder, cfg.data.class_prompt, warn=warn)
+    sample_prompts = cfg.sample.prompts or [cfg.data.instance_prompt or samples[0].caption]
+    table = sorted({s.caption for s in samples + class_samples})
+    index = {c: i for i, c in enumerate(table)}
+    embeds, pooled = family.encode_prompts(pipe, table, max_len)
+    sample_embeds = family.encode_prompts(pipe, sample_prompts, max_len)
+    negative = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
+
+    def cache(items: list[data.Sample], seed: int) -> Cache:
+        lat = encode_folder(family, pipe, items, cfg.data.resolution, cfg.data.center_crop,
+                            cfg.data.random_flip, seed)
+        return Cache(lat, torch.tensor([index[s.caption] for s in items]))
+
+    instance = cache(samples, cfg.train.seed)
+    prior = cache(class_samples, cfg.train.seed + 1) if class_samples else None
+    # The loop needs only the transformer on the accelerator: encoders go back to the CPU.
+    pipe.vae.to("cpu"), pipe.text_encoder.to("cpu"), pipe.text_encoder_2.to("cpu")
+    h, w = instance.latents.shape[-2:]
+    img_ids = family.image_ids(h, w, device=device)
+    return Prepared(family, pipe, device, instance, prior, embeds, pooled, sample_prompts, sample_embeds,
+                    negative, max_len, img_ids, {"images": len(samples), "class_images": len(class_samples)})

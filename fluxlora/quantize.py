@@ -1,0 +1,45 @@
+"""8-bit / 4-bit base weights with bitsandbytes, by swapping the transformer blocks' nn.Linear layers.
+
+diffusers' BitsAndBytesConfig loader refuses to run without a GPU, so the layers are swapped by hand
+(works on CPU and CUDA alike; DESIGN decision 3). The quantized weights are frozen; LoRA trains on top.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def _quantized(layer: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    w = layer.weight.data
+    if mode == "int8":
+        q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                has_fp16_weights=False, threshold=0.0)
+        q.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+    elif mode == "nf4":
+        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              compute_dtype=compute_dtype, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
+    else:
+        raise ValueError(f"unknown quantization {mode!r}; valid: none, int8, nf4")
+    if layer.bias is not None:
+        q.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
+    return q.to(w.device)  # moving the module quantizes the weight
+
+
+def quantize_transformer(model: nn.Module, mode: str, compute_dtype: torch.dtype = torch.float32) -> int:
+    """Replace the Linear layers of the transformer blocks in place; returns how many were swapped."""
+    if mode == "none":
+        return 0
+    swapped = 0
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and full.startswith(BLOCK_PREFIXES):
+                setattr(parent, child_name, _quantized(child, mode, compute_dtype))
+                swapped += 1
+    return swapped

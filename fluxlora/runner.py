@@ -1,0 +1,81 @@
+"""One `fluxlora train` invocation: the run group, the shared preparation, the arms, the summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fluxlora import adapters, checkpoint
+from fluxlora.config import config_hash, dump_config
+from fluxlora.prepare import prepare
+from fluxlora.rundir import GroupDir
+from fluxlora.train import TrainingStopped, train_arm
+
+
+class RunError(Exception):
+    """A user-facing problem with the run directory."""
+
+
+def open_group(cfg, resume: bool) -> GroupDir:
+    group = GroupDir(Path(cfg.output_dir) / cfg.name)
+    if group.group_file.exists() and not resume:
+        raise RunError(f"{group.root} already holds a run -> fix: pass --resume to continue it, or choose "
+                       f"another name (name=... on the command line)")
+    group.root.mkdir(parents=True, exist_ok=True)
+    group.config_file.write_text(dump_config(cfg), encoding="utf-8")
+    arms = cfg.adapter.arms
+    group.write_info(name=cfg.name, arms=arms, config_hash=config_hash(cfg),
+                     created=group.info().get("created", time.time()), status="running")
+    for name in arms:
+        arm = group.arm(name).create()
+        if not arm.status():
+            arm.set_status("queued", step=0, total=cfg.train.steps, method=name)
+    return group
+
+
+def run(cfg, resume: bool = False, warn=print) -> list[dict]:
+    """Train every arm of the config, one after another; a failed arm does not stop the others."""
+    from accelerate import Accelerator
+
+    if resume and cfg.train.resume is None:
+        cfg.train.resume = "latest"
+    group = open_group(cfg, resume)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    prep = prepare(cfg, accelerator.device, warn=warn)
+    prep.autocast = accelerator.autocast
+    results = []
+    for method in cfg.adapter.arms:
+        arm = group.arm(method)
+        if arm.status().get("status") == "done" and resume:
+            results.append(arm.status().get("summary", {"arm": method}))
+            continue
+        try:
+            summary = train_arm(prep, cfg, method, arm)
+        except (TrainingStopped, adapters.AdapterError, checkpoint.CheckpointError) as e:
+            arm.set_status("failed", error=str(e))
+            warn(f"arm {method} failed: {e}")
+            results.append({"arm": method, "method": method, "error": str(e)})
+            continue
+        except KeyboardInterrupt:
+            arm.set_status("interrupted", error="interrupted by the user; resume with --resume")
+            group.write_info(status="interrupted")
+            raise
+        arm.set_status("done", summary=summary)
+        results.append(summary)
+    failed = [r for r in results if "error" in r]
+    group.write_info(status="failed" if failed and len(failed) == len(results) else "done")
+    return results
+
+
+def summary_table(results: list[dict]) -> str:
+    """The final comparison table printed by `fluxlora train`."""
+    head = f"{'arm':<14}{'init s':>9}{'params':>12}{'final loss':>12}{'wall s':>9}  status"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['arm']:<14}{'':>9}{'':>12}{'':>12}{'':>9}  failed: {r['error'][:60]}")
+            continue
+        loss = r.get("final_loss")
+        lines.append(f"{r['arm']:<14}{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}"
+                     f"{loss if loss is None else round(loss, 5)!s:>12}{r['wall_seconds']:>9.1f}  done")
+    return "\n".join(lines)

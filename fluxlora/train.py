@@ -1,0 +1,214 @@
+"""The training loop: explicit, top to bottom. One arm = one init method on the shared prepared base."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from fluxlora import adapters, checkpoint, export, sampling
+from fluxlora.prepare import Prepared
+from fluxlora.rundir import ArmDir, write_json
+
+
+class TrainingStopped(Exception):
+    """The run stopped for a reason the user must act on (non-finite loss, write failure)."""
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor  # packed latents [B, T, 4C]
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    n_instance: int  # the first n rows are instance images, the rest prior-preservation images
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
+    """Data order of one epoch: a permutation that depends only on (seed, epoch) - identical per arm."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of micro-batch ``micro`` in the endless sequence of epochs; flip view drawn from ``gen``."""
+    n = cache.latents.shape[0]
+    rows = []
+    for k in range(micro * batch_size, (micro + 1) * batch_size):
+        rows.append(int(epoch_order(n, k // n, seed)[k % n]))
+    rows = torch.tensor(rows)
+    view = torch.randint(0, cache.latents.shape[1], (batch_size,), generator=gen)
+    return cache.latents[rows, view], cache.caption_idx[rows]
+
+
+def make_batch(prep: Prepared, micro: int, batch_size: int, seed: int, gen: torch.Generator) -> Batch:
+    lat, cap = pick(prep.instance, micro, batch_size, seed, gen)
+    n = lat.shape[0]
+    if prep.prior is not None:
+        plat, pcap = pick(prep.prior, micro, batch_size, seed + 1, gen)
+        lat, cap = torch.cat([lat, plat]), torch.cat([cap, pcap])
+    d = prep.device
+    return Batch(prep.family.pack(lat).to(d), prep.embeds[cap].to(d), prep.pooled[cap].to(d), n)
+
+
+def loss_step(prep: Prepared, model, batch: Batch, gen: torch.Generator, t, prior_weight: float):
+    """Flow-matching loss of one micro-batch. Noise and sigmas come from the CPU generator ``gen``."""
+    fam = prep.family
+    b = batch.x0.shape[0]
+    sigmas = fam.sample_sigmas(b, t.timestep_sampling, gen, t.logit_mean, t.logit_std, t.mode_scale, t.shift)
+    noise = torch.randn(batch.x0.shape, generator=gen).to(batch.x0)
+    sigmas = sigmas.to(batch.x0.device)
+    xt, target = fam.noisy(batch.x0, noise, sigmas)
+    dtype = model.dtype
+    with prep.autocast():
+        pred = fam.predict(model, xt.to(dtype), sigmas, batch.embeds.to(dtype), batch.pooled.to(dtype),
+                           prep.img_ids.to(dtype), t.guidance)
+    per = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    per = per * fam.loss_weights(t.loss_weighting, sigmas).float()
+    n = batch.n_instance
+    loss = per[:n].mean()
+    if n < b:
+        loss = loss + prior_weight * per[n:].mean()
+    return loss, {"sigma_sum": float(sigmas.double().sum()), "noise_sum": float(noise.double().sum())}
+
+
+def make_optimizer(model, t, lr_ratio_b: float):
+    groups = adapters.param_groups(model, t.lr, lr_ratio_b)
+    kw = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def make_lr_scheduler(optimizer, t):
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[t.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
+
+
+def write_samples(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: int) -> None:
+    model.eval()
+    images = []
+    for i, _ in enumerate(prep.sample_prompts):
+        emb = (prep.sample_embeds[0][i:i + 1], prep.sample_embeds[1][i:i + 1])
+        images.append([prep.family.generate(prep.pipe, *emb, prep.negative, seed, resolution, s.steps,
+                                            s.guidance, s.true_cfg) for seed in s.seeds])
+    model.train()
+    settings = {"steps": s.steps, "guidance": s.guidance, "true_cfg": s.true_cfg,
+                "negative_prompt": s.negative_prompt, "resolution": resolution}
+    sampling.write_samples(arm, step, images, prep.sample_prompts, list(s.seeds), settings)
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return step == 0 or step == last or (every > 0 and step % every == 0)
+
+
+def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir, on_sample=None) -> dict:
+    """Train one arm to ``train.steps``; returns its summary. Resumes from a checkpoint when asked.
+    The arm's adapters are always removed afterwards, leaving the pristine base for the next arm."""
+    t, a, model = cfg.train, cfg.adapter, prep.pipe.transformer
+    model.to(prep.device)
+    scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
+    targets = adapters.find_targets(model, a.target_modules or prep.family.TARGET_PRESETS[a.targets])
+    resume_from = checkpoint.find(arm, t.resume)
+    info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed,
+                           niter=a.pissa_niter, skip_init=resume_from is not None)
+    try:
+        return _train_injected(prep, cfg, method, arm, info, resume_from, on_sample)
+    finally:
+        adapters.remove(model, info)
+        if t.gradient_checkpointing:
+            model.disable_gradient_checkpointing()
+
+
+def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dict:
+    t, model = cfg.train, prep.pipe.transformer
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer, gen = make_optimizer(model, t, cfg.adapter.lr_ratio_b), torch.Generator().manual_seed(t.seed)
+    lr_scheduler = make_lr_scheduler(optimizer, t)
+    start = 0
+    if resume_from is not None:
+        start = checkpoint.load(resume_from, model, optimizer, lr_scheduler, gen)["step"]
+        arm.truncate_metrics(start)
+    else:
+        write_json(arm.init_file, init_record(info))
+    arm.set_status("running", step=start, total=t.steps, method=method)
+    res = cfg.sample.resolution or cfg.data.resolution
+    if start == 0:
+        write_samples(prep, model, arm, 0, cfg.sample, res)
+        on_sample and on_sample(arm, 0)
+    model.train()
+    bad, done, step, t_start = 0, start, start, time.perf_counter()
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=arm.name, dynamic_ncols=True)
+    try:
+        for step in bar:
+            t0, gen_state = time.perf_counter(), gen.get_state()
+            loss_total, rec = 0.0, {}
+            for micro in range(t.grad_accum):
+                batch = make_batch(prep, step * t.grad_accum + micro, t.batch_size, t.seed, gen)
+                loss, rec = loss_step(prep, model, batch, gen, t, cfg.data.prior_loss_weight)
+                (loss / t.grad_accum).backward()
+                loss_total += loss.item() / t.grad_accum
+            if not math.isfinite(loss_total):
+                optimizer.zero_grad(set_to_none=True)  # the step is not applied
+                bad, done = bad + 1, step + 1
+                arm.log_metrics({"step": done, "loss": None, "skipped": True})
+                if bad >= t.max_bad_steps:
+                    raise TrainingStopped(nonfinite_message(done, bad))
+                continue
+            bad = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(adapters.trainable_parameters(model),
+                                                       t.max_grad_norm or float("inf"))
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1  # only now is the step complete (an interrupt before this re-does it)
+            if done % t.log_every == 0 or done == t.steps:
+                arm.log_metrics({"step": done, "loss": loss_total, "lr": lr_scheduler.get_last_lr()[0],
+                                 "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0, **rec})
+            bar.set_postfix(loss=f"{loss_total:.4f}")
+            if due(done, cfg.sample.every, t.steps):
+                write_samples(prep, model, arm, done, cfg.sample, res)
+                on_sample and on_sample(arm, done)
+            if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
+                save_checkpoint(arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
+            arm.set_status("running", step=done, total=t.steps, method=method)
+    except KeyboardInterrupt:
+        # First Ctrl-C: keep the work done so far (a second one during the save aborts it). A step cut
+        # short is redone on resume, so its random draws are rewound.
+        if done == step:
+            gen.set_state(gen_state)
+        optimizer.zero_grad(set_to_none=True)
+        save_checkpoint(arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
+        raise
+    finally:
+        bar.close()
+    export.export_arm(model, info, arm, cfg, method, t.steps)
+    return {"arm": arm.name, "method": method, "init_seconds": info.init_seconds,
+            "trainable_params": info.trainable_params, "wall_seconds": time.perf_counter() - t_start,
+            "final_loss": (arm.metrics() or [{}])[-1].get("loss")}
+
+
+def save_checkpoint(arm, step, model, optimizer, lr_scheduler, gen, keep) -> None:
+    try:
+        checkpoint.save(arm, step, model, optimizer, lr_scheduler, gen, keep)
+    except checkpoint.CheckpointError as e:
+        raise TrainingStopped(str(e)) from e
+
+
+def nonfinite_message(step: int, bad: int) -> str:
+    return (f"loss was not finite for {bad} consecutive steps (last at step {step}); those steps were "
+            "not applied. Likely causes: learning rate too high (try a lower train.lr), fp16 overflow "
+            "(use model.dtype bf16 or fp32), or corrupt cached data. The last good checkpoint and "
+            "samples are kept; resume with --resume after changing the config.")
+
+
+def init_record(info: adapters.AdapterInfo) -> dict:
+    return {"method": info.method, "rank": info.rank, "scale": info.scale, "init_seconds": info.init_seconds,
+            "trainable_params": info.trainable_params, "has_offset": info.has_offset,
+            "layers": info.layers}

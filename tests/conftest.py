@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random FLUX pipeline on disk and a small subject folder (all offline)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    from fluxlora.toy.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def subject_dir(tmp_path_factory):
+    """Three views of the toy subject with captions (rendered, not shipped)."""
+    from fluxlora.toy.subject import DATASET, render_subject, subject_caption
+
+    d = tmp_path_factory.mktemp("subject")
+    for i, (bg, pos) in enumerate(DATASET[:3]):
+        Image.fromarray(render_subject(bg, pos, 32)).save(d / f"{i:02d}.png")
+        (d / f"{i:02d}.txt").write_text(subject_caption(bg, pos))
+    return d
+
+
+def tiny_config(tmp_path, tiny_flux, subject_dir, **sections):
+    """A RunConfig for a 32 px tiny run; keyword sections are merged over the defaults."""
+    from fluxlora.config import parse_config
+
+    raw = {
+        "name": "tiny", "output_dir": str(tmp_path / "runs"),
+        "model": {"path": str(tiny_flux)},
+        "data": {"instance_dir": str(subject_dir), "resolution": 32},
+        "adapter": {"init": "lora", "rank": 4},
+        "train": {"steps": 2, "lr": 1.0e-3, "checkpoint_every": 0, "seed": 0},
+        "sample": {"every": 0, "steps": 2, "seeds": [0], "prompts": ["a zxq emblem on a red background, center"]},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return parse_config(raw)

@@ -1,0 +1,148 @@
+"""End-to-end invariants of the trainer on a tiny FLUX pipeline built from configs (CPU, offline)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from fluxlora.rundir import GroupDir
+from fluxlora.runner import run
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if "lora_" not in name:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_smoke_run_writes_exact_file_set(tmp_path, tiny_flux, subject_dir):
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir)
+    results = run(cfg, warn=lambda m: None)
+    assert results[0]["method"] == "lora" and "error" not in results[0]
+    root = tmp_path / "runs" / "tiny"
+    assert files_under(root) == [
+        "config.yaml", "group.json",
+        "lora/adapter.safetensors",
+        "lora/checkpoints/step-000002/adapter.safetensors",
+        "lora/checkpoints/step-000002/state.json",
+        "lora/checkpoints/step-000002/trainer.pt",
+        "lora/init.json", "lora/metrics.jsonl",
+        "lora/samples/step-000000/00.png", "lora/samples/step-000000/grid.png",
+        "lora/samples/step-000000/meta.json",
+        "lora/samples/step-000002/00.png", "lora/samples/step-000002/grid.png",
+        "lora/samples/step-000002/meta.json",
+        "lora/status.json",
+    ]
+    group = GroupDir(root)
+    assert group.info()["status"] == "done"
+    arm = group.arm("lora")
+    assert arm.status()["status"] == "done" and arm.status()["step"] == 2
+    records = arm.metrics()
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in records)
+
+
+def test_same_config_gives_same_numbers(tmp_path, tiny_flux, subject_dir):
+    losses = []
+    for name in ("a", "b"):
+        cfg = tiny_config(tmp_path, tiny_flux, subject_dir, name=name, train={"steps": 3})
+        run(cfg, warn=lambda m: None)
+        losses.append([r["loss"] for r in GroupDir(tmp_path / "runs" / name).arm("lora").metrics()])
+    assert losses[0] == losses[1]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_flux, subject_dir):
+    full = tiny_config(tmp_path, tiny_flux, subject_dir, name="full", train={"steps": 4, "checkpoint_every": 2})
+    run(full, warn=lambda m: None)
+    # Stop after 2 steps (as if killed after the step-2 checkpoint), then resume to 4.
+    part = tiny_config(tmp_path, tiny_flux, subject_dir, name="part", train={"steps": 2, "checkpoint_every": 2})
+    run(part, warn=lambda m: None)
+    GroupDir(tmp_path / "runs" / "part").arm("lora").set_status("interrupted")
+    resumed = tiny_config(tmp_path, tiny_flux, subject_dir, name="part", train={"steps": 4, "checkpoint_every": 2})
+    run(resumed, resume=True, warn=lambda m: None)
+    a = load_file(str(tmp_path / "runs/full/lora/adapter.safetensors"))
+    b = load_file(str(tmp_path / "runs/part/lora/adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    steps = [r["step"] for r in GroupDir(tmp_path / "runs" / "part").arm("lora").metrics()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_base_weights_untouched_and_step0_equals_base(tmp_path, tiny_flux, subject_dir):
+    from fluxlora import adapters
+    from fluxlora.families import flux
+
+    pipe = flux.load_pipeline(str(tiny_flux))
+    model = pipe.transformer
+    before = weights_hash(model)
+    x = torch.randn(1, 16, 64)
+    emb, pooled = torch.randn(1, 24, 64), torch.randn(1, 32)
+    ids = flux.image_ids(8, 8)
+    sig = torch.tensor([0.5])
+    with torch.no_grad():
+        base_out = flux.predict(model, x, sig, emb, pooled, ids, 1.0)
+    targets = adapters.find_targets(model, flux.TARGET_PRESETS["attn"])
+    info = adapters.inject(model, "lora", 4, 1.0, targets, seed=0)
+    with torch.no_grad():
+        out0 = flux.predict(model, x, sig, emb, pooled, ids, 1.0)
+    torch.testing.assert_close(out0, base_out, rtol=0, atol=1e-6)
+    assert weights_hash(model) == before
+    assert info.trainable_params == sum(2 * 4 * 32 for _ in targets)  # 32x32 layers: r (m + n)
+    adapters.remove(model, info)
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_export_reloaded_by_diffusers_reproduces_trained_model(tmp_path, tiny_flux, subject_dir):
+    from fluxlora.families import flux
+
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 3, "lr": 1.0e-2})
+    run(cfg, warn=lambda m: None)
+    arm = GroupDir(tmp_path / "runs" / "tiny").arm("lora")
+    trained = np.asarray(__import__("PIL.Image").Image.open(arm.samples_dir / "step-000003" / "00.png"))
+    base = np.asarray(__import__("PIL.Image").Image.open(arm.samples_dir / "step-000000" / "00.png"))
+    assert np.abs(trained.astype(int) - base.astype(int)).max() > 0, "training changed nothing"
+    pipe = flux.load_pipeline(str(tiny_flux))
+    pipe.load_lora_weights(str(arm.adapter_file))
+    embeds, pooled = flux.encode_prompts(pipe, cfg.sample.prompts, 24)
+    img = flux.generate(pipe, embeds, pooled, None, seed=0, resolution=32, steps=2, guidance=3.5, true_cfg=1.0)
+    diff = np.abs(np.asarray(img).astype(int) - trained.astype(int)).max()
+    assert diff <= 1, f"reloaded adapter differs from the trained model by {diff}/255"
+
+
+def test_int8_base_trains_on_cpu(tmp_path, tiny_flux, subject_dir):
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, model={"path": str(tiny_flux), "quantize": "int8"})
+    results = run(cfg, warn=lambda m: None)
+    assert "error" not in results[0], results[0]
+    assert np.isfinite(results[0]["final_loss"])
+
+
+def test_prior_preservation_generates_class_images(tmp_path, tiny_flux, subject_dir):
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir,
+                      data={"instance_dir": str(subject_dir), "resolution": 32, "class_prompt": "a blue square",
+                            "class_dir": str(tmp_path / "class"), "num_class_images": 2,
+                            "prior_loss_weight": 0.5})
+    results = run(cfg, warn=lambda m: None)
+    assert "error" not in results[0], results[0]
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+
+
+def test_existing_run_refused_without_resume(tmp_path, tiny_flux, subject_dir):
+    from fluxlora.runner import RunError
+
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir)
+    run(cfg, warn=lambda m: None)
+    with pytest.raises(RunError, match="--resume"):
+        run(cfg, warn=lambda m: None)
