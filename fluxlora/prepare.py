@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fluxlora import data
+from fluxlora import data, metrics
 from fluxlora.families import FAMILIES
 
 
@@ -39,6 +39,7 @@ class Prepared:
     img_ids: torch.Tensor
     stats: dict = field(default_factory=dict)
     autocast: object = contextlib.nullcontext  # accelerate's mixed-precision context
+    evaluator: object = None  # metrics.ToyEvaluator on the toy world, else None
 
 
 def encode_folder(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool,
@@ -95,9 +96,16 @@ def prepare(cfg, device: torch.device, warn=print) -> Prepared:
 
     instance = cache(samples, cfg.train.seed)
     prior = cache(class_samples, cfg.train.seed + 1) if class_samples else None
+    evaluator = None
+    if metrics.is_toy_model(cfg.model.path):
+        s = cfg.sample
+        pipe.transformer.to(device)
+        evaluator = metrics.ToyEvaluator(family, pipe, max_len, s.resolution or cfg.data.resolution, s.steps,
+                                         s.guidance, s.true_cfg)
     # The loop needs only the transformer on the accelerator: encoders go back to the CPU.
     pipe.vae.to("cpu"), pipe.text_encoder.to("cpu"), pipe.text_encoder_2.to("cpu")
     h, w = instance.latents.shape[-2:]
     img_ids = family.image_ids(h, w, device=device)
     return Prepared(family, pipe, device, instance, prior, embeds, pooled, sample_prompts, sample_embeds,
-                    negative, max_len, img_ids, {"images": len(samples), "class_images": len(class_samples)})
+                    negative, max_len, img_ids, {"images": len(samples), "class_images": len(class_samples)},
+                    evaluator=evaluator)

@@ -92,11 +92,13 @@ def make_lr_scheduler(optimizer, t):
 
 def write_samples(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: int) -> None:
     model.eval()
-    images = []
+    images, seeds = [], list(s.seeds)
     for i, _ in enumerate(prep.sample_prompts):
-        emb = (prep.sample_embeds[0][i:i + 1], prep.sample_embeds[1][i:i + 1])
-        images.append([prep.family.generate(prep.pipe, *emb, prep.negative, seed, resolution, s.steps,
-                                            s.guidance, s.true_cfg) for seed in s.seeds])
+        emb = [e[i:i + 1].expand(len(seeds), *e.shape[1:]) for e in prep.sample_embeds]
+        images.append(prep.family.generate_many(prep.pipe, *emb, prep.negative, seeds, resolution, s.steps,
+                                                s.guidance, s.true_cfg))
+    if prep.evaluator is not None:
+        arm.log_metrics({"step": step, **prep.evaluator.evaluate()})
     model.train()
     settings = {"steps": s.steps, "guidance": s.guidance, "true_cfg": s.true_cfg,
                 "negative_prompt": s.negative_prompt, "resolution": resolution}

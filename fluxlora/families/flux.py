@@ -158,19 +158,28 @@ def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def generate(pipe, embeds, pooled, neg, seed: int, resolution: int, steps: int, guidance: float,
-             true_cfg: float):
-    """One image (PIL) from cached prompt embeddings, through FluxPipeline itself."""
+def generate_many(pipe, embeds, pooled, neg, seeds: list[int], resolution: int, steps: int,
+                  guidance: float, true_cfg: float) -> list:
+    """Images (PIL) for a batch of cached prompt embeddings [N, ...], one seed each, through FluxPipeline
+    itself. Each image's noise comes from its own seeded CPU generator, so batching does not change it."""
     c, h, w = latent_shape(pipe, resolution)
     dev, dtype = pipe.transformer.device, pipe.transformer.dtype
+    n = len(seeds)
     kwargs = {}
     if true_cfg > 1.0 and neg is not None:
-        kwargs = dict(negative_prompt_embeds=neg[0].to(dev, dtype), negative_pooled_prompt_embeds=neg[1].to(dev, dtype),
-                      true_cfg_scale=true_cfg)
-    out = pipe(prompt_embeds=embeds.to(dev, dtype), pooled_prompt_embeds=pooled.to(dev, dtype),
-               latents=initial_noise(seed, c, h, w).to(dev, dtype), height=resolution, width=resolution,
-               num_inference_steps=steps, guidance_scale=guidance, output_type="pil", **kwargs)
-    return out.images[0]
+        kwargs = dict(negative_prompt_embeds=neg[0].expand(n, -1, -1).to(dev, dtype),
+                      negative_pooled_prompt_embeds=neg[1].expand(n, -1).to(dev, dtype), true_cfg_scale=true_cfg)
+    latents = torch.cat([initial_noise(s, c, h, w) for s in seeds]).to(dev, dtype)
+    out = pipe(prompt_embeds=embeds.to(dev, dtype), pooled_prompt_embeds=pooled.to(dev, dtype), latents=latents,
+               height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance,
+               output_type="pil", **kwargs)
+    return out.images
+
+
+def generate(pipe, embeds, pooled, neg, seed: int, resolution: int, steps: int, guidance: float,
+             true_cfg: float):
+    """One image (PIL) from cached prompt embeddings [1, ...]."""
+    return generate_many(pipe, embeds, pooled, neg, [seed], resolution, steps, guidance, true_cfg)[0]
 
 
 def sigma_checksum(x: torch.Tensor) -> float:

@@ -25,9 +25,8 @@ DATASET = (
 )
 
 
-def emblem_layers(cy: float, cx: float, res: int) -> tuple[np.ndarray, np.ndarray]:
-    """Anti-aliased coverage (res, res) of the diamond and of its orange stripes."""
-    half = HALF * res
+def emblem_layers(cy: float, cx: float, res: int, half: float) -> tuple[np.ndarray, np.ndarray]:
+    """Anti-aliased coverage (res, res) of the diamond (half-diagonal ``half`` px) and its orange stripes."""
     n = res * SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / SUPERSAMPLE
     y, x = np.meshgrid(coords - cy, coords - cx, indexing="ij")
@@ -45,7 +44,7 @@ def emblem_layers(cy: float, cx: float, res: int) -> tuple[np.ndarray, np.ndarra
 def render_subject(bg: str, pos: str, res: int = 64) -> np.ndarray:
     """The emblem on a solid world background colour, uint8 RGB."""
     cy, cx = position_center(pos, res)
-    cover, orange = emblem_layers(cy, cx, res)
+    cover, orange = emblem_layers(cy, cx, res, HALF * res)
     purple = cover - orange
     img = (
         np.array(COLORS[bg], np.float32) * (1.0 - cover)[..., None]
@@ -55,10 +54,11 @@ def render_subject(bg: str, pos: str, res: int = 64) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def template(res: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Reference template for the fidelity metric: RGB float (k, k, 3) and coverage mask (k, k)."""
+def template(res: int = 64, phase: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Reference template for the fidelity metric: RGB float (k, k, 3) and coverage mask (k, k);
+    ``phase`` shifts the emblem by a sub-pixel amount inside the k x k window."""
     k = int(np.ceil(2 * HALF * res)) + 2
-    cover, orange = emblem_layers(k / 2.0, k / 2.0, k)
+    cover, orange = emblem_layers(k / 2.0 + phase[0], k / 2.0 + phase[1], k, HALF * res)
     rgb = np.array(ORANGE, np.float32) * orange[..., None] + np.array(PURPLE, np.float32) * (
         cover - orange
     )[..., None]
