@@ -172,7 +172,8 @@ def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dic
             done = step + 1  # only now is the step complete (an interrupt before this re-does it)
             if done % t.log_every == 0 or done == t.steps:
                 arm.log_metrics({"step": done, "loss": loss_total, "lr": lr_scheduler.get_last_lr()[0],
-                                 "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0, **rec})
+                                 "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0,
+                                 "time": time.time(), **rec})
             bar.set_postfix(loss=f"{loss_total:.4f}")
             if due(done, cfg.sample.every, t.steps):
                 write_samples(prep, model, arm, done, cfg.sample, res)

@@ -41,7 +41,7 @@ def tiny_config(tmp_path, tiny_flux, subject_dir, **sections):
 
     raw = {
         "name": "tiny", "output_dir": str(tmp_path / "runs"),
-        "model": {"path": str(tiny_flux)},
+        "model": {"path": str(tiny_flux), "max_sequence_length": 24},
         "data": {"instance_dir": str(subject_dir), "resolution": 32},
         "adapter": {"init": "lora", "rank": 4},
         "train": {"steps": 2, "lr": 1.0e-3, "checkpoint_every": 0, "seed": 0},

@@ -53,7 +53,7 @@ def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None, q
 
     resolved = resolve_path(path)
     try:
-        pipe = FluxPipeline.from_pretrained(resolved, torch_dtype=DTYPES[dtype], revision=revision)
+        pipe = FluxPipeline.from_pretrained(resolved, dtype=DTYPES[dtype], revision=revision)
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set: only cached models load)" if offline else ""

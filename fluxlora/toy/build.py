@@ -29,6 +29,7 @@ VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     layers_per_block=1, norm_num_groups=4, sample_size=64, mid_block_add_attention=False,
+    shift_factor=0.0, scaling_factor=1.0,  # replaced by the latent statistics after pretraining
 )
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

@@ -1,0 +1,315 @@
+"""The typed run config: the single source of truth. Strict (unknown keys are errors), every problem
+reported at once with its field path, the bad value and the fix. Imports no torch."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fluxlora.yamlsafe import YamlProblem, load_yaml
+
+KNOWN_FAMILIES = ("flux",)
+KNOWN_INITS = ("lora", "lora_gaussian", "pissa", "pissa_fast", "loram", "olora", "milora")
+
+
+def _number(v: Any) -> Any:
+    # YAML 1.1 reads 1e-4 as a string; accept numeric strings for float fields, nothing else.
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+Float = Annotated[float, BeforeValidator(_number)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    family: str = Field("flux", description="model family: flux")
+    path: str = Field(description="'toy', a local diffusers pipeline directory, or a hub id")
+    revision: str | None = Field(None, description="hub revision")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights / compute dtype")
+    quantize: Literal["none", "int8", "nf4"] = Field("none", description="bitsandbytes base weights")
+    max_sequence_length: int | None = Field(None, ge=1, le=512, description="T5 tokens (None: model default)")
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        if v not in KNOWN_FAMILIES:
+            raise ValueError(f"unknown family {v!r}; valid: {', '.join(KNOWN_FAMILIES)}")
+        return v
+
+
+class DataConfig(Section):
+    instance_dir: str = Field(description="folder of subject images (+ optional same-name .txt captions)")
+    instance_prompt: str | None = Field(None, description="caption for images without a .txt")
+    resolution: int = Field(512, ge=16, le=4096, multiple_of=16, description="training side in px")
+    center_crop: bool = Field(True, description="centre crop (else random crop)")
+    random_flip: bool = Field(False, description="also train on mirrored images")
+    repeats: int = Field(1, ge=1, description="repeat the subject images per epoch")
+    class_dir: str | None = Field(None, description="prior-preservation class images")
+    class_prompt: str | None = Field(None, description="caption of the class images")
+    num_class_images: int = Field(0, ge=0, description="generate class images up to this many")
+    prior_loss_weight: Float = Field(1.0, ge=0, description="weight of the prior-preservation loss")
+
+    @model_validator(mode="after")
+    def _prior(self):
+        if (self.class_dir or self.num_class_images) and not self.class_prompt:
+            raise ValueError("prior preservation (class_dir / num_class_images) needs data.class_prompt")
+        return self
+
+
+class AdapterConfig(Section):
+    init: str | list[str] = Field("lora", description="init method, or a list of arms to compare")
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
+    alpha: Float | None = Field(None, gt=0, description="LoRA alpha (None: alpha = rank)")
+    dropout: Float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    targets: Literal["attn", "attn_context", "wide"] = Field("attn", description="target preset")
+    target_modules: list[str] | None = Field(None, description="explicit module-name suffixes")
+    scaling: Literal["standard", "rslora", "lora_alpha"] = Field("standard", description="scale rule")
+    alpha_coefficient: Float = Field(16.0, gt=0, description="C of the lora_alpha rule: s = C/sqrt(r)")
+    lr_ratio_b: Float = Field(1.0, gt=0, description="LoRA+ ratio of B's learning rate")
+    pissa_niter: int = Field(4, ge=0, description="subspace iterations of pissa_fast")
+
+    @field_validator("init")
+    @classmethod
+    def _arms(cls, v):
+        arms = [v] if isinstance(v, str) else list(v)
+        if not arms:
+            raise ValueError("adapter.init is an empty list; give at least one method")
+        bad = [m for m in arms if m not in KNOWN_INITS]
+        if bad:
+            raise ValueError(f"unknown init method(s) {bad}; valid: {', '.join(KNOWN_INITS)}")
+        if len(set(arms)) != len(arms):
+            raise ValueError(f"adapter.init lists a method twice: {arms}")
+        return v
+
+    @property
+    def arms(self) -> list[str]:
+        return [self.init] if isinstance(self.init, str) else list(self.init)
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: Float = Field(1.0e-4, gt=0, lt=1)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: Float = Field(0.0, ge=0)
+    adam_beta1: Float = Field(0.9, ge=0, lt=1)
+    adam_beta2: Float = Field(0.999, ge=0, lt=1)
+    adam_eps: Float = Field(1.0e-8, gt=0)
+    max_grad_norm: Float | None = Field(1.0, gt=0, description="clip the adapter grad norm (None: off)")
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    logit_mean: Float = 0.0
+    logit_std: Float = Field(1.0, gt=0)
+    mode_scale: Float = 1.29
+    shift: Float = Field(1.0, gt=0, description="sigma shift s' = shift s / (1 + (shift - 1) s)")
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    guidance: Float = Field(1.0, description="guidance-embedding value in training (distilled models)")
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: str | None = Field(None, description="None, 'latest' or a checkpoint folder")
+    log_every: int = Field(1, ge=1)
+    max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses before stopping")
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")
+        return self
+
+
+class SampleConfig(Section):
+    every: int = Field(250, ge=0, description="0: only at step 0 and at the end")
+    prompts: list[str] = Field(default_factory=list, description="empty: the instance prompt")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    steps: int = Field(20, ge=1)
+    guidance: Float = Field(3.5, ge=0, description="guidance-embedding value (distilled models)")
+    true_cfg: Float = Field(1.0, ge=1, description="classifier-free guidance scale with negative_prompt")
+    negative_prompt: str = ""
+    resolution: int | None = Field(None, ge=16, multiple_of=16, description="None: data.resolution")
+
+
+class ExportConfig(Section):
+    formats: list[Literal["diffusers"]] = Field(default_factory=lambda: ["diffusers"], min_length=1)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class RunConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run folder name")
+    output_dir: str = "runs"
+    model: ModelConfig
+    data: DataConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+
+# ----- loading and reporting ------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    where: str
+    value: str | None
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        value = "" if self.value is None else f" = {self.value}"
+        return f"  - {self.where}{value}: {self.message} -> fix: {self.fix}"
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source, self.problems = source, problems
+        n = len(problems)
+        super().__init__(f"config {source}: {n} problem{'s' if n != 1 else ''}\n"
+                         + "\n".join(map(str, problems)))
+
+
+def _section_fields(path: tuple) -> dict[str, Any] | None:
+    """Field map of the model at ``path`` (None when the path does not lead to a model)."""
+    model: type[BaseModel] = RunConfig
+    for key in path:
+        field = model.model_fields.get(key)
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return None
+        model = sub
+    return model.model_fields
+
+
+def _did_you_mean(key: str, fields) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean `{close[0]}`?"
+    return f"valid keys here: {', '.join(fields)}"
+
+
+def _fix_for(err: dict) -> str:
+    loc, kind = tuple(str(p) for p in err["loc"] if isinstance(p, str)), err["type"]
+    if kind == "extra_forbidden":
+        fields = _section_fields(loc[:-1]) or {}
+        return f"remove it or correct the spelling; {_did_you_mean(loc[-1], fields)}"
+    if kind == "missing":
+        desc = (_section_fields(loc[:-1]) or {}).get(loc[-1])
+        return f"add `{loc[-1]}`" + (f" ({desc.description})" if desc and desc.description else "")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"give a value of the expected type ({err['msg'].lower()})"
+    desc = (_section_fields(loc[:-1]) or {}).get(loc[-1]) if loc else None
+    what = f" ({desc.description})" if desc is not None and desc.description else ""
+    return f"use a value that satisfies this{what}"
+
+
+def _problems(e: ValidationError) -> list[Problem]:
+    out = []
+    for err in e.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+        where = where or "(top level)"
+        value = None if err["type"] == "missing" else repr(err.get("input"))
+        if value is not None and len(value) > 80:
+            value = value[:77] + "..."
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append(Problem(where, value, msg, _fix_for(err)))
+    return _dedupe(out)
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    # A union field (e.g. init: str | list) reports one error per branch: keep one per location.
+    seen, out = set(), []
+    for p in problems:
+        key = p.where.split(".str")[0].split(".list")[0]
+        if key not in seen:
+            seen.add(key)
+            out.append(Problem(key, p.value, p.message, p.fix))
+    return out
+
+
+def _apply_overrides(raw: dict, overrides: Sequence[str], problems: list[Problem]) -> None:
+    for item in overrides:
+        if "=" not in item:
+            problems.append(Problem(item, None, "override is not key.path=value", "write e.g. train.steps=100"))
+            continue
+        path, text = item.split("=", 1)
+        keys = tuple(path.strip().split("."))
+        fields = _section_fields(keys[:-1])
+        if fields is None or keys[-1] not in fields:
+            parent = _section_fields(keys[:-1]) or RunConfig.model_fields
+            problems.append(Problem(path, None, "no such config field", _did_you_mean(keys[-1], parent)))
+            continue
+        try:
+            value = load_yaml(text) if text.strip() else ""
+        except YamlProblem as e:
+            problems.append(Problem(path, repr(text), e.message, "quote the value or fix its syntax"))
+            continue
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node[keys[-1]] = value
+
+
+def parse_config(data: Any, overrides: Sequence[str] = (), source: str = "<config>") -> RunConfig:
+    problems: list[Problem] = []
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else type(data).__name__
+        raise ConfigError(source, [Problem("(document)", None, f"the config must be a mapping of sections, "
+                                           f"got {kind}", "write `name:`, `model:`, `data:` ... at top level")])
+    raw = json.loads(json.dumps(data, default=str))  # a deep copy we may modify
+    _apply_overrides(raw, overrides, problems)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        problems.extend(_problems(e))
+        cfg = None
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(str(path), [Problem(str(path), None, "config file not found",
+                                              "check the path (see train_configs/ for examples)")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), [Problem(str(path), None, f"cannot read: {e}", "save it as UTF-8")]) from None
+    try:
+        data = load_yaml(text)
+    except YamlProblem as e:
+        where = f"{path}:{e.line}:{e.column}" if e.line else str(path)
+        raise ConfigError(str(path), [Problem(where, None, e.message, "fix the YAML at that position")]) from None
+    return parse_config(data, overrides, str(path))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,62 @@
+"""Safe YAML loading with the guards PyYAML's safe_load lacks: duplicate keys and alias bombs refused.
+
+Every problem is raised as ``YamlProblem`` with a 1-based line/column, so the config layer can report
+it like any other field error.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+MAX_ALIASES = 100  # a real config uses a handful; "billion laughs" documents use thousands
+
+
+class YamlProblem(Exception):
+    def __init__(self, message: str, line: int | None = None, column: int | None = None):
+        super().__init__(message)
+        self.message, self.line, self.column = message, line, column
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys and caps alias use."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.alias_count = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.alias_count += 1
+            if self.alias_count > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise YamlProblem(f"more than {MAX_ALIASES} YAML aliases (an alias bomb?) - refused",
+                                  mark.line + 1, mark.column + 1)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise YamlProblem(f"duplicate key {key!r} (first on line {seen[key]})",
+                                  key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """Parse one YAML document safely; raises YamlProblem with line/column on any problem."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except YamlProblem:
+        raise
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        raise YamlProblem(f"unsupported YAML tag ({e.problem}); only plain values, lists and mappings "
+                          "are allowed", mark and mark.line + 1, mark and mark.column + 1) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        raise YamlProblem(f"YAML syntax error: {e.problem}", mark and mark.line + 1,
+                          mark and mark.column + 1) from None
+    except yaml.YAMLError as e:
+        raise YamlProblem(f"YAML error: {e}") from None
