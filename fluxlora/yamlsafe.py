@@ -9,6 +9,7 @@ from __future__ import annotations
 import yaml
 
 MAX_ALIASES = 100  # a real config uses a handful; "billion laughs" documents use thousands
+MAX_NODES = 100_000  # values after alias expansion: a few aliases can still expand exponentially
 
 
 class YamlProblem(Exception):
@@ -44,8 +45,26 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def expanded_size(obj, memo: dict | None = None) -> int:
+    """Number of values ``obj`` holds once shared (aliased) parts are counted at every use."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    memo[id(obj)] = 1 + sum(expanded_size(c, memo) for c in children)
+    return memo[id(obj)]
+
+
 def load_yaml(text: str):
     """Parse one YAML document safely; raises YamlProblem with line/column on any problem."""
+    data = _load(text)
+    if expanded_size(data) > MAX_NODES:
+        raise YamlProblem(f"the document expands to more than {MAX_NODES:,} values through aliases "
+                          "(an alias bomb?) - refused")
+    return data
+
+
+def _load(text: str):
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
     except YamlProblem:

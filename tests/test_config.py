@@ -1,0 +1,152 @@
+"""Config: strict schema, every problem at once with path/value/fix, safe YAML, overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fluxlora.config import ConfigError, config_hash, dump_config, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"name": "t", "model": {"path": "toy"}, "data": {"instance_dir": "d"}}
+
+
+def problems_of(data=None, overrides=(), text=None, tmp_path=None):
+    with pytest.raises(ConfigError) as e:
+        if text is not None:
+            p = tmp_path / "c.yaml"
+            p.write_text(text)
+            load_config(p, overrides)
+        else:
+            parse_config(data, overrides)
+    return e.value.problems
+
+
+def test_defaults_and_round_trip(tmp_path):
+    cfg = parse_config(MINIMAL)
+    assert cfg.adapter.arms == ["lora"] and cfg.adapter.effective_alpha == 16.0
+    assert cfg.train.optimizer == "adamw" and cfg.sample.seeds == [0]
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+
+
+def test_all_problems_reported_together_with_path_value_and_fix():
+    probs = problems_of({"name": "bad name", "model": {"path": "toy", "famly": "flux"},
+                         "data": {"instance_dir": "d", "resolution": 50},
+                         "adapter": {"rnak": 4, "init": ["lora", "nope"]}, "train": {"lr": 5.0}})
+    where = {p.where: p for p in probs}
+    assert set(where) == {"name", "model.famly", "data.resolution", "adapter.rnak", "adapter.init", "train.lr"}
+    assert "did you mean `family`" in where["model.famly"].fix
+    assert "did you mean `rank`" in where["adapter.rnak"].fix
+    assert where["data.resolution"].value == "50" and "multiple of 16" in where["data.resolution"].message
+    assert "valid: lora" in where["adapter.init"].message
+    assert all(p.fix for p in probs)
+
+
+def test_missing_required_sections():
+    probs = problems_of({"name": "x"})
+    assert {p.where for p in probs} == {"model", "data"}
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "steps", "ten"), ("train", "steps", 1.5), ("adapter", "rank", [8]), ("adapter", "rank", 0),
+    ("train", "gradient_checkpointing", "yes"), ("data", "resolution", 8), ("train", "lr", 0),
+])
+def test_wrong_types_and_ranges(section, key, value):
+    data = {**MINIMAL, section: {**MINIMAL.get(section, {}), key: value}}
+    assert [p.where for p in problems_of(data)] == [f"{section}.{key}"]
+
+
+def test_numeric_strings_accepted_for_floats():
+    cfg = parse_config({**MINIMAL, "train": {"lr": "1e-4"}})
+    assert cfg.train.lr == pytest.approx(1e-4)
+
+
+def test_init_list_and_duplicates():
+    assert parse_config({**MINIMAL, "adapter": {"init": ["lora", "pissa", "loram"]}}).adapter.arms == \
+        ["lora", "pissa", "loram"]
+    assert "twice" in problems_of({**MINIMAL, "adapter": {"init": ["lora", "lora"]}})[0].message
+    assert "empty" in problems_of({**MINIMAL, "adapter": {"init": []}})[0].message
+
+
+def test_cross_field_checks():
+    probs = problems_of({**MINIMAL, "data": {"instance_dir": "d", "class_dir": "c"}})
+    assert "class_prompt" in probs[0].message
+    probs = problems_of({**MINIMAL, "train": {"steps": 10, "warmup_steps": 10}})
+    assert "warmup_steps" in probs[0].message
+
+
+def test_overrides_types_nesting_and_unknown_paths():
+    cfg = parse_config(MINIMAL, ["train.steps=10", "adapter.init=[lora,pissa]", "train.lr=1e-4",
+                                 "model.quantize=int8", "sample.prompts=[a b, c]"])
+    assert cfg.train.steps == 10 and cfg.adapter.arms == ["lora", "pissa"]
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.model.quantize == "int8"
+    assert cfg.sample.prompts == ["a b", "c"]
+    probs = problems_of(MINIMAL, ["train.stepz=3", "nonsense"])
+    assert "did you mean `steps`" in probs[0].fix and "key.path=value" in probs[1].message
+
+
+def test_yaml_duplicate_key_with_line(tmp_path):
+    probs = problems_of(text="name: a\nname: b\n", tmp_path=tmp_path)
+    assert "duplicate key 'name'" in probs[0].message and probs[0].where.endswith(":2:1")
+
+
+def test_yaml_syntax_error_has_line_and_column(tmp_path):
+    probs = problems_of(text="name: x\nmodel: {path: toy\n", tmp_path=tmp_path)
+    assert "syntax" in probs[0].message and probs[0].where.count(":") == 2
+
+
+def test_python_tags_refused(tmp_path):
+    probs = problems_of(text="name: !!python/object/apply:os.system ['true']\n", tmp_path=tmp_path)
+    assert "unsupported YAML tag" in probs[0].message
+
+
+def test_alias_bomb_fails_fast(tmp_path):
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    t0 = time.perf_counter()
+    probs = problems_of(text="\n".join(lines) + "\n", tmp_path=tmp_path)
+    assert time.perf_counter() - t0 < 1.0
+    assert "alias" in probs[0].message
+
+
+@pytest.mark.parametrize("text,kind", [("- a\n- b\n", "list"), ("", "empty"), ("42\n", "int")])
+def test_non_mapping_documents(tmp_path, text, kind):
+    assert kind in problems_of(text=text, tmp_path=tmp_path)[0].message
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_config_hash_ignores_key_order():
+    a = parse_config({"name": "t", "model": {"path": "toy", "dtype": "bf16"}, "data": {"instance_dir": "d"}})
+    b = parse_config({"data": {"instance_dir": "d"}, "model": {"dtype": "bf16", "path": "toy"}, "name": "t"})
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(parse_config(MINIMAL))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "train_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_name_their_command(path):
+    cfg = load_config(path)
+    first = path.read_text().splitlines()[0]
+    assert first == f"# fluxlora train train_configs/{path.name}"
+    assert cfg.name
+
+
+def test_cli_reports_config_errors_with_exit_code_2_and_no_traceback(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: t\nmodel: {path: toy}\ndata: {instance_dir: d}\nadapter: {rnak: 4}\n")
+    r = subprocess.run([sys.executable, "-m", "fluxlora.cli", "train", str(p), "train.stepz=1"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "adapter.rnak" in r.stderr and "train.stepz" in r.stderr and "did you mean" in r.stderr
