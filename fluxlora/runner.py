@@ -69,13 +69,16 @@ def run(cfg, resume: bool = False, warn=print) -> list[dict]:
 
 def summary_table(results: list[dict]) -> str:
     """The final comparison table printed by `fluxlora train`."""
-    head = f"{'arm':<14}{'init s':>9}{'params':>12}{'final loss':>12}{'wall s':>9}  status"
+    head = (f"{'arm':<14}{'init s':>9}{'params':>12}{'final loss':>12}{'subject':>9}{'prior px':>10}"
+            f"{'wall s':>9}  status")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['arm']:<14}{'':>9}{'':>12}{'':>12}{'':>9}  failed: {r['error'][:60]}")
+            lines.append(f"{r['arm']:<14}{'':>58}  failed: {r['error'][:60]}")
             continue
-        loss = r.get("final_loss")
+        loss, m = r.get("final_loss"), r.get("final_metrics") or {}
+        fid, drift = m.get("subject_fidelity"), m.get("prior_drift_px")
         lines.append(f"{r['arm']:<14}{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}"
-                     f"{loss if loss is None else round(loss, 5)!s:>12}{r['wall_seconds']:>9.1f}  done")
+                     f"{'-' if loss is None else f'{loss:.5f}':>12}{'-' if fid is None else f'{fid:.3f}':>9}"
+                     f"{'-' if drift is None else f'{drift:.2f}':>10}{r['wall_seconds']:>9.1f}  done")
     return "\n".join(lines)

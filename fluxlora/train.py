@@ -194,7 +194,8 @@ def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dic
     export.export_arm(model, info, arm, cfg, method, t.steps)
     return {"arm": arm.name, "method": method, "init_seconds": info.init_seconds,
             "trainable_params": info.trainable_params, "wall_seconds": time.perf_counter() - t_start,
-            "final_loss": (arm.metrics() or [{}])[-1].get("loss")}
+            "final_loss": next((r["loss"] for r in reversed(arm.metrics()) if r.get("loss") is not None), None),
+            "final_metrics": next((r for r in reversed(arm.metrics()) if "subject_fidelity" in r), {})}
 
 
 def save_checkpoint(arm, step, model, optimizer, lr_scheduler, gen, keep) -> None:

@@ -60,6 +60,7 @@ def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None, q
         raise ModelLoadError(f"could not load FLUX pipeline {path!r}{hint}: {e}") from e
     for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.transformer):
         module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)  # our own bar reports progress
     from fluxlora.quantize import quantize_transformer
 
     quantize_transformer(pipe.transformer, quantize, DTYPES[dtype])

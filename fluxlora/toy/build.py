@@ -26,9 +26,9 @@ TRANSFORMER_CONFIG = dict(
     axes_dims_rope=(8, 12, 12),
 )
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    layers_per_block=1, norm_num_groups=4, sample_size=64, mid_block_add_attention=False,
+    layers_per_block=1, norm_num_groups=16, sample_size=64, mid_block_add_attention=False,
     shift_factor=0.0, scaling_factor=1.0,  # replaced by the latent statistics after pretraining
 )
 SCHEDULER_CONFIG = dict(

@@ -11,6 +11,7 @@ Stages (each resumable; state lives in ``--work``):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -72,15 +73,24 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def train_vae(work: Path, steps: int, batch: int, seed: int):
+def object_weights(x: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
+    """Per-pixel loss weights: 1 on the background, 1 + weight where the image differs from its border.
+    Objects cover ~3% of a world image; without this the VAE learns backgrounds first and blurs shapes
+    for thousands of steps (measured: detector shape accuracy on reconstructions after 2,500 steps 0.46
+    unweighted vs 0.90 weighted)."""
+    border = torch.cat([x[:, :, 0, :], x[:, :, -1, :]], -1).median(-1).values[:, :, None, None]
+    return 1.0 + weight * ((x - border).abs().sum(1, keepdim=True) > 0.1).float()
+
+
+def train_vae(work: Path, steps: int, batch: int, seed: int, device: str = "cpu"):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**build.VAE_CONFIG)
+    vae = AutoencoderKL(**build.VAE_CONFIG).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     ckpt, start = work / "vae.pt", 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
         start = state["step"]
         if start >= steps:
@@ -93,10 +103,12 @@ def train_vae(work: Path, steps: int, batch: int, seed: int):
         for g in opt.param_groups:
             g["lr"] = lr
         imgs = [next(gen)[0] if rng.random() < 0.6 else generic_image(rng, 64) for _ in range(batch)]
-        x = to_tensor(imgs)
+        x = to_tensor(imgs).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mean).sample  # deterministic: sampled latents stalled training here
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        w = object_weights(x)
+        err = rec - x
+        loss = ((w * err ** 2).mean() + 0.5 * (w * err.abs()).mean()) / w.mean() + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -110,7 +122,7 @@ def train_vae(work: Path, steps: int, batch: int, seed: int):
 # ----- stage 3: caches ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int) -> dict:
+def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int, device: str = "cpu") -> dict:
     path = work / "cache.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
@@ -122,15 +134,14 @@ def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int) -> dict:
         img, cap, _ = next(gen)
         images.append(img), captions.append(cap)
     vae.eval()
-    latents = torch.cat([vae.encode(to_tensor(images[i:i + 256])).latent_dist.mean
+    latents = torch.cat([vae.encode(to_tensor(images[i:i + 256]).to(device)).latent_dist.mean.cpu()
                          for i in range(0, pool, 256)])
     unique = sorted(set(captions)) + [""]
     index = {c: i for i, c in enumerate(unique)}
     clip_tok = CLIPTokenizer.from_pretrained(skeleton / "tokenizer")
     t5_tok = T5TokenizerFast.from_pretrained(skeleton / "tokenizer_2")
     clip = CLIPTextModel.from_pretrained(skeleton / "text_encoder").eval()
-    t5 = T5EncoderModel.from_pretrained(skeleton / "text_encoder_2").eval()
-    t5_emb, pooled = [], []
+    t5_ids, pooled = [], []
     for i in range(0, len(unique), 512):
         chunk = unique[i:i + 512]
         ids = clip_tok(chunk, padding="max_length", max_length=build.CLIP_MAX_LENGTH, truncation=True,
@@ -138,10 +149,10 @@ def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int) -> dict:
         pooled.append(clip(ids).pooler_output)
         ids = t5_tok(chunk, padding="max_length", max_length=build.T5_MAX_LENGTH, truncation=True,
                      return_tensors="pt").input_ids
-        t5_emb.append(t5(ids)[0].half())
+        t5_ids.append(ids)
     cache = {
         "latents": latents, "cap_idx": torch.tensor([index[c] for c in captions]),
-        "t5": torch.cat(t5_emb), "pooled": torch.cat(pooled), "empty": index[""],
+        "t5_ids": torch.cat(t5_ids), "pooled": torch.cat(pooled), "empty": index[""],
         "shift": latents.mean().item(), "scale": 1.0 / latents.std().item(),
     }
     save_atomic(cache, path)
@@ -165,27 +176,35 @@ def image_ids(h: int, w: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-def train_transformer(work: Path, cache: dict, steps: int, batch: int, seed: int):
+def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch: int, seed: int,
+                      device: str = "cpu") -> torch.nn.ModuleDict:
+    """Flow matching on cached latents; the small T5 encoder trains jointly (EMA of both is returned).
+
+    FLUX gives text tokens no positional ids, so word order ("red circle on a blue background" vs
+    "blue circle on a red background") must come from the T5 encoder. A frozen random T5 carries
+    it too weakly: measured on a GPU run, object/background colour accuracy stayed near 0.6."""
     from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
 
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**build.TRANSFORMER_CONFIG)
-    ema = FluxTransformer2DModel(**build.TRANSFORMER_CONFIG)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    net = torch.nn.ModuleDict({"transformer": FluxTransformer2DModel(**build.TRANSFORMER_CONFIG),
+                               "t5": T5EncoderModel.from_pretrained(skeleton / "text_encoder_2")})
+    ema = copy.deepcopy(net).requires_grad_(False)
+    net.to(device).train(), ema.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.01)
     ckpt, start = work / "transformer.pt", 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
+        state = torch.load(ckpt, weights_only=False, map_location=device)
+        net.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
     if start >= steps:
-        return ema
-    lat = (cache["latents"] - cache["shift"]) * cache["scale"]
+        return ema.cpu()
+    lat = ((cache["latents"] - cache["shift"]) * cache["scale"]).to(device)
+    ids, pooled = cache["t5_ids"].to(device), cache["pooled"].to(device)
     n, _, h, w = lat.shape
-    img_ids, txt_ids = image_ids(h, w), torch.zeros(build.T5_MAX_LENGTH, 3)
+    img_ids, txt_ids = image_ids(h, w).to(device), torch.zeros(build.T5_MAX_LENGTH, 3, device=device)
     shift = math.exp(build.SCHEDULER_CONFIG["base_shift"])  # FLUX's resolution shift at 64 tokens
     warmup, t0 = 300, time.time()
     for step in range(start, steps):
@@ -193,47 +212,50 @@ def train_transformer(work: Path, cache: dict, steps: int, batch: int, seed: int
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, n, (batch,))
-        x0 = pack(lat[idx])
+        x0 = pack(lat[idx.to(device)])
         cap = cache["cap_idx"][idx].clone()
         cap[torch.rand(batch) < CAPTION_DROPOUT] = cache["empty"]
+        cap = cap.to(device)
         s = torch.sigmoid(torch.randn(batch))
-        s = shift * s / (1 + (shift - 1) * s)
-        noise = torch.randn_like(x0)
+        s = (shift * s / (1 + (shift - 1) * s)).to(device)
+        noise = torch.randn(x0.shape).to(device)  # CPU RNG: the same stream on every device
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
-        pred = model(hidden_states=xt, timestep=s, encoder_hidden_states=cache["t5"][cap].float(),
-                     pooled_projections=cache["pooled"][cap], txt_ids=txt_ids, img_ids=img_ids,
-                     return_dict=False)[0]
+        text = net["t5"](ids[cap])[0]
+        pred = net["transformer"](hidden_states=xt, timestep=s, encoder_hidden_states=text,
+                                  pooled_projections=pooled[cap], txt_ids=txt_ids, img_ids=img_ids,
+                                  return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pm, 1 - decay)
         if (step + 1) % 100 == 0:
             log(work, f"transformer step {step + 1}/{steps} loss {loss.item():.4f} lr {lr:.2e} "
                       f"({time.time() - t0:.0f}s)")
         if (step + 1) % 500 == 0 or step + 1 == steps:
-            save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            save_atomic({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": step + 1, "rng": torch.get_rng_state()}, ckpt)
-    return ema
+    return ema.cpu()
 
 
-def assemble(out: Path, skeleton: Path, vae, transformer, cache: dict) -> None:
+def assemble(out: Path, skeleton: Path, vae, net: torch.nn.ModuleDict, cache: dict) -> None:
     """Write the final diffusers pipeline directory (loadable by FluxPipeline.from_pretrained)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+    vae = vae.cpu()
     vae.register_to_config(shift_factor=cache["shift"], scaling_factor=cache["scale"])
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(skeleton / "scheduler"),
         vae=vae.eval(), text_encoder=CLIPTextModel.from_pretrained(skeleton / "text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(skeleton / "tokenizer"),
-        text_encoder_2=T5EncoderModel.from_pretrained(skeleton / "text_encoder_2"),
+        text_encoder_2=net["t5"].eval(),
         tokenizer_2=T5TokenizerFast.from_pretrained(skeleton / "tokenizer_2"),
-        transformer=transformer.eval(),
+        transformer=net["transformer"].eval(),
     )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -243,8 +265,9 @@ def assemble(out: Path, skeleton: Path, vae, transformer, cache: dict) -> None:
     tmp.replace(out)
 
 
-def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: int = 4000,
-             batch: int = 48, pool: int = 30000, seed: int = 0, threads: int | None = None) -> None:
+def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: int = 6000,
+             batch: int = 32, pool: int = 30000, seed: int = 0, threads: int | None = None,
+             device: str = "cpu") -> None:
     if threads:
         torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -253,10 +276,10 @@ def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: in
     if not (skeleton / "scheduler").exists():
         build.build_skeleton(skeleton, seed)
     log(work, "stage vae")
-    vae = train_vae(work, vae_steps, 12, seed)
+    vae = train_vae(work, vae_steps, 12, seed, device)
     log(work, "stage cache")
-    cache = build_cache(work, skeleton, vae, pool, seed)
+    cache = build_cache(work, skeleton, vae, pool, seed, device)
     log(work, f"latent shift {cache['shift']:.4f} scale {cache['scale']:.4f}")
-    transformer = train_transformer(work, cache, transformer_steps, batch, seed)
-    assemble(out, skeleton, vae, transformer, cache)
+    net = train_transformer(work, skeleton, cache, transformer_steps, batch, seed, device)
+    assemble(out, skeleton, vae, net, cache)
     log(work, f"done in {time.time() - t0:.0f}s (this invocation) -> {out}")
