@@ -97,7 +97,11 @@ def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list
     info = AdapterInfo(method, rank, scale, targets, has_offset)
     if not skip_init:
         t0 = time.perf_counter()
-        info.layers = _initialize(model, method, rank, scale, targets, seed, niter, has_offset)
+        try:
+            info.layers = _initialize(model, method, rank, scale, targets, seed, niter, has_offset)
+        except Exception:
+            model.unload_lora()  # leave the pristine base behind for the next arm
+            raise
         info.init_seconds = time.perf_counter() - t0
     _freeze_all_but_subject(model)
     info.trainable_params = sum(p.numel() for p in trainable_parameters(model))
@@ -158,8 +162,8 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def remove(model: nn.Module, info: AdapterInfo) -> None:
-    """Take the arm's adapters out, leaving the pristine base for the next arm."""
-    model.delete_adapters([SUBJECT, OFFSET] if info.has_offset else [SUBJECT])
+    """Take the arm's adapters out, restoring the original modules: the pristine base for the next arm."""
+    model.unload_lora()
 
 
 @torch.no_grad()

@@ -146,7 +146,8 @@ def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dic
         on_sample and on_sample(arm, 0)
     model.train()
     bad, done, step, t_start = 0, start, start, time.perf_counter()
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=arm.name, dynamic_ncols=True)
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=arm.name, dynamic_ncols=True,
+               mininterval=0.5)
     try:
         for step in bar:
             t0, gen_state = time.perf_counter(), gen.get_state()
