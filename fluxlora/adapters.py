@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -92,7 +93,9 @@ def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list
     has_offset = method not in inits.ZERO_PRODUCT
     model.add_adapter(_lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
     if has_offset:
-        model.add_adapter(_lora_config(rank, scale, targets, 0.0), adapter_name=OFFSET)
+        with warnings.catch_warnings():  # a second adapter on purpose: peft warns about exactly that
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            model.add_adapter(_lora_config(rank, scale, targets, 0.0), adapter_name=OFFSET)
     model.set_adapters([SUBJECT, OFFSET] if has_offset else [SUBJECT])
     info = AdapterInfo(method, rank, scale, targets, has_offset)
     if not skip_init:

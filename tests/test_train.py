@@ -146,3 +146,23 @@ def test_existing_run_refused_without_resume(tmp_path, tiny_flux, subject_dir):
     run(cfg, warn=lambda m: None)
     with pytest.raises(RunError, match="--resume"):
         run(cfg, warn=lambda m: None)
+
+
+def test_cli_export_and_sample_use_the_run_folder(tmp_path, tiny_flux, subject_dir):
+    from fluxlora import commands
+
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": ["lora", "loram"], "rank": 4},
+                      train={"steps": 2})
+    run(cfg, warn=lambda m: None)
+    root = tmp_path / "runs" / "tiny"
+    first = {a: load_file(str(root / a / "adapter.safetensors")) for a in ("lora", "loram")}
+    (root / "loram" / "adapter.safetensors").unlink()
+    assert commands.export(root, None) == 0
+    for arm, tensors in first.items():
+        again = load_file(str(root / arm / "adapter.safetensors"))
+        assert again.keys() == tensors.keys()
+        for k in tensors:
+            torch.testing.assert_close(again[k], tensors[k], rtol=0, atol=0)
+    out = tmp_path / "s.png"
+    assert commands.sample(root, "a zxq emblem on a red background, center", 0, 2, "loram", str(out)) == 0
+    assert out.exists()
