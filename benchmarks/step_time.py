@@ -78,8 +78,10 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--model", default="tiny", help="'tiny' (random tiny FLUX built here) or 'toy'")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = args.model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class Batch:
     n_instance: int  # the first n rows are instance images, the rest prior-preservation images
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     """Data order of one epoch: a permutation that depends only on (seed, epoch) - identical per arm."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -145,7 +147,7 @@ def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dic
         write_samples(prep, model, arm, 0, cfg.sample, res)
         on_sample and on_sample(arm, 0)
     model.train()
-    bad, done, step, t_start = 0, start, start, time.perf_counter()
+    bad, done, step, t_start, last_status = 0, start, start, time.perf_counter(), time.monotonic()
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=arm.name, dynamic_ncols=True,
                mininterval=0.5)
     try:
@@ -181,7 +183,9 @@ def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dic
                 on_sample and on_sample(arm, done)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
                 save_checkpoint(arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
-            arm.set_status("running", step=done, total=t.steps, method=method)
+            if time.monotonic() - last_status > 2.0:  # status.json is fsync'ed: not every step
+                arm.set_status("running", step=done, total=t.steps, method=method)
+                last_status = time.monotonic()
     except KeyboardInterrupt:
         # First Ctrl-C: keep the work done so far (a second one during the save aborts it). A step cut
         # short is redone on resume, so its random draws are rewound.
