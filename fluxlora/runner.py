@@ -36,10 +36,14 @@ def open_group(cfg, resume: bool) -> GroupDir:
 def run(cfg, resume: bool = False, warn=print) -> list[dict]:
     """Train every arm of the config, one after another; a failed arm does not stop the others."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     if resume and cfg.train.resume is None:
         cfg.train.resume = "latest"
     group = open_group(cfg, resume)
+    # accelerate keeps one process-wide state; a second run in the same process (tests, the web UI)
+    # may ask for another precision, so start from a clean state (accelerate 1.15 API).
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     prep = prepare(cfg, accelerator.device, warn=warn)
     prep.autocast = accelerator.autocast
