@@ -111,7 +111,7 @@ def due(step: int, every: int, last: int) -> bool:
     return step == 0 or step == last or (every > 0 and step % every == 0)
 
 
-def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir, on_sample=None) -> dict:
+def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
     """Train one arm to ``train.steps``; returns its summary. Resumes from a checkpoint when asked.
     The arm's adapters are always removed afterwards, leaving the pristine base for the next arm."""
     t, a, model = cfg.train, cfg.adapter, prep.pipe.transformer
@@ -122,17 +122,18 @@ def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir, on_sample=None) -> 
     info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed,
                            niter=a.pissa_niter, skip_init=resume_from is not None)
     try:
-        return _train_injected(prep, cfg, method, arm, info, resume_from, on_sample)
+        if t.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return _train_injected(prep, cfg, method, arm, info, resume_from)
     finally:
         adapters.remove(model, info)
         if t.gradient_checkpointing:
             model.disable_gradient_checkpointing()
 
 
-def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dict:
+def _start(prep, cfg, arm, info, resume_from):
+    """Optimizer, LR schedule and generator (restored when resuming) and the step-0 samples."""
     t, model = cfg.train, prep.pipe.transformer
-    if t.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
     optimizer, gen = make_optimizer(model, t, cfg.adapter.lr_ratio_b), torch.Generator().manual_seed(t.seed)
     lr_scheduler = make_lr_scheduler(optimizer, t)
     start = 0
@@ -141,24 +142,37 @@ def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dic
         arm.truncate_metrics(start)
     else:
         write_json(arm.init_file, init_record(info))
-    arm.set_status("running", step=start, total=t.steps, method=method)
-    res = cfg.sample.resolution or cfg.data.resolution
+    arm.set_status("running", step=start, total=t.steps, method=info.method)
     if start == 0:
-        write_samples(prep, model, arm, 0, cfg.sample, res)
-        on_sample and on_sample(arm, 0)
+        write_samples(prep, model, arm, 0, cfg.sample, cfg.sample.resolution or cfg.data.resolution)
     model.train()
-    bad, done, step, t_start, last_status = 0, start, start, time.perf_counter(), time.monotonic()
+    return optimizer, lr_scheduler, gen, start
+
+
+def accumulate(prep, cfg, model, step: int, gen) -> tuple[float, dict]:
+    """Forward/backward over ``grad_accum`` micro-batches; returns the mean loss and draw checksums."""
+    t = cfg.train
+    loss_total, rec = 0.0, {}
+    for micro in range(t.grad_accum):
+        batch = make_batch(prep, step * t.grad_accum + micro, t.batch_size, t.seed, gen)
+        loss, rec = loss_step(prep, model, batch, gen, t, cfg.data.prior_loss_weight)
+        (loss / t.grad_accum).backward()
+        loss_total += loss.item() / t.grad_accum
+    return loss_total, rec
+
+
+def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
+    t, model = cfg.train, prep.pipe.transformer
+    optimizer, lr_scheduler, gen, start = _start(prep, cfg, arm, info, resume_from)
+    res = cfg.sample.resolution or cfg.data.resolution
+    bad, done, t_start, last_status = 0, start, time.perf_counter(), time.monotonic()
+    gen_state = gen.get_state()
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=arm.name, dynamic_ncols=True,
                mininterval=0.5)
     try:
         for step in bar:
             t0, gen_state = time.perf_counter(), gen.get_state()
-            loss_total, rec = 0.0, {}
-            for micro in range(t.grad_accum):
-                batch = make_batch(prep, step * t.grad_accum + micro, t.batch_size, t.seed, gen)
-                loss, rec = loss_step(prep, model, batch, gen, t, cfg.data.prior_loss_weight)
-                (loss / t.grad_accum).backward()
-                loss_total += loss.item() / t.grad_accum
+            loss_total, rec = accumulate(prep, cfg, model, step, gen)
             if not math.isfinite(loss_total):
                 optimizer.zero_grad(set_to_none=True)  # the step is not applied
                 bad, done = bad + 1, step + 1
@@ -180,7 +194,6 @@ def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dic
             bar.set_postfix(loss=f"{loss_total:.4f}")
             if due(done, cfg.sample.every, t.steps):
                 write_samples(prep, model, arm, done, cfg.sample, res)
-                on_sample and on_sample(arm, done)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
                 save_checkpoint(arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
             if time.monotonic() - last_status > 2.0:  # status.json is fsync'ed: not every step
@@ -189,18 +202,23 @@ def _train_injected(prep, cfg, method, arm, info, resume_from, on_sample) -> dic
     except KeyboardInterrupt:
         # First Ctrl-C: keep the work done so far (a second one during the save aborts it). A step cut
         # short is redone on resume, so its random draws are rewound.
-        if done == step:
-            gen.set_state(gen_state)
+        gen.set_state(gen_state)
         optimizer.zero_grad(set_to_none=True)
         save_checkpoint(arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
         raise
     finally:
         bar.close()
+    arm.set_status("running", step=done, total=t.steps, method=method)
     export.export_arm(model, info, arm, cfg, method, t.steps)
-    return {"arm": arm.name, "method": method, "init_seconds": info.init_seconds,
-            "trainable_params": info.trainable_params, "wall_seconds": time.perf_counter() - t_start,
-            "final_loss": next((r["loss"] for r in reversed(arm.metrics()) if r.get("loss") is not None), None),
-            "final_metrics": next((r for r in reversed(arm.metrics()) if "subject_fidelity" in r), {})}
+    return summarize(arm, info, time.perf_counter() - t_start)
+
+
+def summarize(arm: ArmDir, info: adapters.AdapterInfo, wall: float) -> dict:
+    records = arm.metrics()
+    return {"arm": arm.name, "method": info.method, "init_seconds": info.init_seconds,
+            "trainable_params": info.trainable_params, "wall_seconds": wall,
+            "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
+            "final_metrics": next((r for r in reversed(records) if "subject_fidelity" in r), {})}
 
 
 def save_checkpoint(arm, step, model, optimizer, lr_scheduler, gen, keep) -> None:

@@ -176,6 +176,25 @@ def image_ids(h: int, w: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
+def flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids) -> torch.Tensor:
+    """Flow-matching loss of one random batch (captions dropped to "" at CAPTION_DROPOUT for CFG)."""
+    device = lat.device
+    idx = torch.randint(0, lat.shape[0], (batch,))
+    x0 = pack(lat[idx.to(device)])
+    cap = cache["cap_idx"][idx].clone()
+    cap[torch.rand(batch) < CAPTION_DROPOUT] = cache["empty"]
+    cap = cap.to(device)
+    s = torch.sigmoid(torch.randn(batch))
+    s = (shift * s / (1 + (shift - 1) * s)).to(device)
+    noise = torch.randn(x0.shape).to(device)  # CPU RNG: the same stream on every device
+    xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
+    text = net["t5"](ids[cap])[0]
+    pred = net["transformer"](hidden_states=xt, timestep=s, encoder_hidden_states=text,
+                              pooled_projections=pooled[cap], txt_ids=txt_ids, img_ids=img_ids,
+                              return_dict=False)[0]
+    return F.mse_loss(pred, noise - x0)
+
+
 def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch: int, seed: int,
                       device: str = "cpu") -> torch.nn.ModuleDict:
     """Flow matching on cached latents; the small T5 encoder trains jointly (EMA of both is returned).
@@ -203,7 +222,7 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
         return ema.cpu()
     lat = ((cache["latents"] - cache["shift"]) * cache["scale"]).to(device)
     ids, pooled = cache["t5_ids"].to(device), cache["pooled"].to(device)
-    n, _, h, w = lat.shape
+    _, _, h, w = lat.shape
     img_ids, txt_ids = image_ids(h, w).to(device), torch.zeros(build.T5_MAX_LENGTH, 3, device=device)
     shift = math.exp(build.SCHEDULER_CONFIG["base_shift"])  # FLUX's resolution shift at 64 tokens
     warmup, t0 = 300, time.time()
@@ -211,20 +230,7 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
         lr = 5e-4 * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, n, (batch,))
-        x0 = pack(lat[idx.to(device)])
-        cap = cache["cap_idx"][idx].clone()
-        cap[torch.rand(batch) < CAPTION_DROPOUT] = cache["empty"]
-        cap = cap.to(device)
-        s = torch.sigmoid(torch.randn(batch))
-        s = (shift * s / (1 + (shift - 1) * s)).to(device)
-        noise = torch.randn(x0.shape).to(device)  # CPU RNG: the same stream on every device
-        xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
-        text = net["t5"](ids[cap])[0]
-        pred = net["transformer"](hidden_states=xt, timestep=s, encoder_hidden_states=text,
-                                  pooled_projections=pooled[cap], txt_ids=txt_ids, img_ids=img_ids,
-                                  return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - x0)
+        loss = flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
