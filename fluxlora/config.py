@@ -132,6 +132,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     resume: str | None = Field(None, description="None, 'latest' or a checkpoint folder")
     log_every: int = Field(1, ge=1)
+    tensorboard: bool = Field(False, description="also write scalars to <arm>/tensorboard/ (pip install tensorboard)")
     max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses before stopping")
 
     @model_validator(mode="after")

@@ -38,6 +38,12 @@ def run(cfg, resume: bool = False, warn=print) -> list[dict]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    if cfg.train.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise RunError("train.tensorboard is on but the tensorboard package is missing -> fix: "
+                           "pip install tensorboard, or set train.tensorboard=false") from None
     if resume and cfg.train.resume is None:
         cfg.train.resume = "latest"
     group = open_group(cfg, resume)

@@ -15,6 +15,28 @@ from fluxlora.prepare import Prepared
 from fluxlora.rundir import ArmDir, write_json
 
 
+class MetricsLog:
+    """metrics.jsonl of an arm, mirrored to TensorBoard scalars when asked."""
+
+    def __init__(self, arm: ArmDir, tensorboard: bool):
+        self.arm, self.writer = arm, None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(arm.root / "tensorboard"))
+
+    def __call__(self, record: dict) -> None:
+        self.arm.log_metrics(record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 class TrainingStopped(Exception):
     """The run stopped for a reason the user must act on (non-finite loss, write failure)."""
 
@@ -92,7 +114,7 @@ def make_lr_scheduler(optimizer, t):
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
 
 
-def write_samples(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: int) -> None:
+def write_samples(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: int, log) -> None:
     model.eval()
     images, seeds = [], list(s.seeds)
     for i, _ in enumerate(prep.sample_prompts):
@@ -100,7 +122,7 @@ def write_samples(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: 
         images.append(prep.family.generate_many(prep.pipe, *emb, prep.negative, seeds, resolution, s.steps,
                                                 s.guidance, s.true_cfg))
     if prep.evaluator is not None:
-        arm.log_metrics({"step": step, **prep.evaluator.evaluate()})
+        log({"step": step, **prep.evaluator.evaluate()})
     model.train()
     settings = {"steps": s.steps, "guidance": s.guidance, "true_cfg": s.true_cfg,
                 "negative_prompt": s.negative_prompt, "resolution": resolution}
@@ -131,7 +153,7 @@ def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
             model.disable_gradient_checkpointing()
 
 
-def _start(prep, cfg, arm, info, resume_from):
+def _start(prep, cfg, arm, info, resume_from, log):
     """Optimizer, LR schedule and generator (restored when resuming) and the step-0 samples."""
     t, model = cfg.train, prep.pipe.transformer
     optimizer, gen = make_optimizer(model, t, cfg.adapter.lr_ratio_b), torch.Generator().manual_seed(t.seed)
@@ -144,7 +166,7 @@ def _start(prep, cfg, arm, info, resume_from):
         write_json(arm.init_file, init_record(info))
     arm.set_status("running", step=start, total=t.steps, method=info.method)
     if start == 0:
-        write_samples(prep, model, arm, 0, cfg.sample, cfg.sample.resolution or cfg.data.resolution)
+        write_samples(prep, model, arm, 0, cfg.sample, cfg.sample.resolution or cfg.data.resolution, log)
     model.train()
     return optimizer, lr_scheduler, gen, start
 
@@ -163,7 +185,8 @@ def accumulate(prep, cfg, model, step: int, gen) -> tuple[float, dict]:
 
 def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
     t, model = cfg.train, prep.pipe.transformer
-    optimizer, lr_scheduler, gen, start = _start(prep, cfg, arm, info, resume_from)
+    log = MetricsLog(arm, t.tensorboard)
+    optimizer, lr_scheduler, gen, start = _start(prep, cfg, arm, info, resume_from, log)
     res = cfg.sample.resolution or cfg.data.resolution
     bad, done, t_start, last_status = 0, start, time.perf_counter(), time.monotonic()
     gen_state = gen.get_state()
@@ -176,7 +199,7 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
             if not math.isfinite(loss_total):
                 optimizer.zero_grad(set_to_none=True)  # the step is not applied
                 bad, done = bad + 1, step + 1
-                arm.log_metrics({"step": done, "loss": None, "skipped": True})
+                log({"step": done, "loss": None, "skipped": True})
                 if bad >= t.max_bad_steps:
                     raise TrainingStopped(nonfinite_message(done, bad))
                 continue
@@ -188,12 +211,12 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
             optimizer.zero_grad(set_to_none=True)
             done = step + 1  # only now is the step complete (an interrupt before this re-does it)
             if done % t.log_every == 0 or done == t.steps:
-                arm.log_metrics({"step": done, "loss": loss_total, "lr": lr_scheduler.get_last_lr()[0],
+                log({"step": done, "loss": loss_total, "lr": lr_scheduler.get_last_lr()[0],
                                  "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0,
                                  "time": time.time(), **rec})
             bar.set_postfix(loss=f"{loss_total:.4f}")
             if due(done, cfg.sample.every, t.steps):
-                write_samples(prep, model, arm, done, cfg.sample, res)
+                write_samples(prep, model, arm, done, cfg.sample, res, log)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
                 save_checkpoint(arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
             if time.monotonic() - last_status > 2.0:  # status.json is fsync'ed: not every step
@@ -208,6 +231,7 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
         raise
     finally:
         bar.close()
+        log.close()
     arm.set_status("running", step=done, total=t.steps, method=method)
     export.export_arm(model, info, arm, cfg, method, t.steps)
     return summarize(arm, info, time.perf_counter() - t_start)

@@ -166,3 +166,10 @@ def test_cli_export_and_sample_use_the_run_folder(tmp_path, tiny_flux, subject_d
     out = tmp_path / "s.png"
     assert commands.sample(root, "a zxq emblem on a red background, center", 0, 2, "loram", str(out)) == 0
     assert out.exists()
+
+
+def test_tensorboard_mirror_of_metrics(tmp_path, tiny_flux, subject_dir):
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 2, "tensorboard": True})
+    run(cfg, warn=lambda m: None)
+    events = list((tmp_path / "runs" / "tiny" / "lora" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
