@@ -40,6 +40,7 @@ class Prepared:
     stats: dict = field(default_factory=dict)
     autocast: object = contextlib.nullcontext  # accelerate's mixed-precision context
     evaluator: object = None  # metrics.ToyEvaluator on the toy world, else None
+    dtype: torch.dtype = torch.float32  # the transformer's compute dtype
 
 
 def encode_folder(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool,
@@ -108,4 +109,4 @@ def prepare(cfg, device: torch.device, warn=print) -> Prepared:
     img_ids = family.image_ids(h, w, device=device)
     return Prepared(family, pipe, device, instance, prior, embeds, pooled, sample_prompts, sample_embeds,
                     negative, max_len, img_ids, {"images": len(samples), "class_images": len(class_samples)},
-                    evaluator=evaluator)
+                    evaluator=evaluator, dtype=pipe.transformer.dtype)

@@ -84,7 +84,7 @@ def loss_step(prep: Prepared, model, batch: Batch, gen: torch.Generator, t, prio
     noise = torch.randn(batch.x0.shape, generator=gen).to(batch.x0)
     sigmas = sigmas.to(batch.x0.device)
     xt, target = fam.noisy(batch.x0, noise, sigmas)
-    dtype = model.dtype
+    dtype = prep.dtype
     with prep.autocast():
         pred = fam.predict(model, xt.to(dtype), sigmas, batch.embeds.to(dtype), batch.pooled.to(dtype),
                            prep.img_ids.to(dtype), t.guidance)
@@ -189,6 +189,7 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
     optimizer, lr_scheduler, gen, start = _start(prep, cfg, arm, info, resume_from, log)
     res = cfg.sample.resolution or cfg.data.resolution
     bad, done, t_start, last_status = 0, start, time.perf_counter(), time.monotonic()
+    params = adapters.trainable_parameters(model)  # once: walking the module tree costs ms per step
     gen_state = gen.get_state()
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=arm.name, dynamic_ncols=True,
                mininterval=0.5)
@@ -204,8 +205,7 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
                     raise TrainingStopped(nonfinite_message(done, bad))
                 continue
             bad = 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(adapters.trainable_parameters(model),
-                                                       t.max_grad_norm or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
