@@ -29,7 +29,7 @@ def outputs(model):
         return flux.predict(model, x, sig, emb, pooled, ids, 1.0)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "nf4"])
 @pytest.mark.parametrize("method", METHODS)
 def test_step0_output_equals_base_and_base_untouched(tiny_flux, method, quantize):
     pipe = flux.load_pipeline(str(tiny_flux), quantize=quantize)

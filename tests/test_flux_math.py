@@ -65,3 +65,9 @@ def test_training_options_run(tmp_path, tiny_flux, subject_dir, train):
     cfg = tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 2, **train})
     result = run(cfg, warn=lambda m: None)[0]
     assert "error" not in result and np.isfinite(result["final_loss"])
+
+
+def test_hub_id_in_offline_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(flux.ModelLoadError, match="HF_HUB_OFFLINE is set"):
+        flux.load_pipeline("someorg/not-cached-model")
