@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -16,12 +17,44 @@ class RunError(Exception):
     """A user-facing problem with the run directory."""
 
 
-def open_group(cfg, resume: bool) -> GroupDir:
+LOCK = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def acquire_lock(root: Path, warn=print) -> Path:
+    """One training per run folder: a lock file with our pid; a lock whose process is gone is stale."""
+    lock = root / LOCK
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        pid = 0
+    if pid and pid != os.getpid() and _alive(pid):
+        raise RunError(f"another training (pid {pid}) is writing to {root} -> fix: wait for it, stop it, "
+                       f"or use another name=")
+    if pid and pid != os.getpid():
+        warn(f"taking over the stale lock of {root} (pid {pid} is gone)")
+    tmp = root / f".lock.{os.getpid()}"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, lock)
+    return lock
+
+
+def open_group(cfg, resume: bool, warn=print) -> GroupDir:
     group = GroupDir(Path(cfg.output_dir) / cfg.name)
     if group.group_file.exists() and not resume:
         raise RunError(f"{group.root} already holds a run -> fix: pass --resume to continue it, or choose "
                        f"another name (name=... on the command line)")
     group.root.mkdir(parents=True, exist_ok=True)
+    acquire_lock(group.root, warn)
     group.config_file.write_text(dump_config(cfg), encoding="utf-8")
     arms = cfg.adapter.arms
     group.write_info(name=cfg.name, arms=arms, config_hash=config_hash(cfg),
@@ -35,9 +68,6 @@ def open_group(cfg, resume: bool) -> GroupDir:
 
 def run(cfg, resume: bool = False, warn=print) -> list[dict]:
     """Train every arm of the config, one after another; a failed arm does not stop the others."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
     if cfg.train.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -46,7 +76,17 @@ def run(cfg, resume: bool = False, warn=print) -> list[dict]:
                            "pip install tensorboard, or set train.tensorboard=false") from None
     if resume and cfg.train.resume is None:
         cfg.train.resume = "latest"
-    group = open_group(cfg, resume)
+    group = open_group(cfg, resume, warn)
+    try:
+        return _run_arms(cfg, group, resume, warn)
+    finally:
+        (group.root / LOCK).unlink(missing_ok=True)
+
+
+def _run_arms(cfg, group: GroupDir, resume: bool, warn) -> list[dict]:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     # accelerate keeps one process-wide state; a second run in the same process (tests, the web UI)
     # may ask for another precision, so start from a clean state (accelerate 1.15 API).
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -80,15 +120,16 @@ def run(cfg, resume: bool = False, warn=print) -> list[dict]:
 def summary_table(results: list[dict]) -> str:
     """The final comparison table printed by `fluxlora train`."""
     head = (f"{'arm':<14}{'init s':>9}{'params':>12}{'final loss':>12}{'subject':>9}{'prior px':>10}"
-            f"{'wall s':>9}  status")
+            f"{'peak MB':>9}{'wall s':>9}  status")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['arm']:<14}{'':>58}  failed: {r['error'][:60]}")
+            lines.append(f"{r['arm']:<14}{'':>67}  failed: {r['error'][:110]}")
             continue
         loss, m = r.get("final_loss"), r.get("final_metrics") or {}
         fid, drift = m.get("subject_fidelity"), m.get("prior_drift_px")
         lines.append(f"{r['arm']:<14}{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}"
                      f"{'-' if loss is None else f'{loss:.5f}':>12}{'-' if fid is None else f'{fid:.3f}':>9}"
-                     f"{'-' if drift is None else f'{drift:.2f}':>10}{r['wall_seconds']:>9.1f}  done")
+                     f"{'-' if drift is None else f'{drift:.2f}':>10}{r.get('peak_memory_mb', 0):>9.0f}"
+                     f"{r['wall_seconds']:>9.1f}  done")
     return "\n".join(lines)

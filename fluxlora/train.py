@@ -138,6 +138,8 @@ def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
     The arm's adapters are always removed afterwards, leaving the pristine base for the next arm."""
     t, a, model = cfg.train, cfg.adapter, prep.pipe.transformer
     model.to(prep.device)
+    if prep.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(prep.device)
     scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
     targets = adapters.find_targets(model, a.target_modules or prep.family.TARGET_PRESETS[a.targets])
     resume_from = checkpoint.find(arm, t.resume)
@@ -234,13 +236,25 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
         log.close()
     arm.set_status("running", step=done, total=t.steps, method=method)
     export.export_arm(model, info, arm, cfg, method, t.steps)
-    return summarize(arm, info, time.perf_counter() - t_start)
+    return summarize(arm, info, time.perf_counter() - t_start, prep.device)
 
 
-def summarize(arm: ArmDir, info: adapters.AdapterInfo, wall: float) -> dict:
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory and what it measures: CUDA allocations of this arm, or the process's peak RSS on CPU
+    (which includes the arms before it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def summarize(arm: ArmDir, info: adapters.AdapterInfo, wall: float, device: torch.device) -> dict:
     records = arm.metrics()
+    peak, kind = peak_memory_mb(device)
     return {"arm": arm.name, "method": info.method, "init_seconds": info.init_seconds,
             "trainable_params": info.trainable_params, "wall_seconds": wall,
+            "peak_memory_mb": peak, "peak_memory_kind": kind,
             "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
             "final_metrics": next((r for r in reversed(records) if "subject_fidelity" in r), {})}
 

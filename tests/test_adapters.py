@@ -107,3 +107,8 @@ def test_loram_rank_one_refused_and_other_arms_still_run(tmp_path, tiny_flux, su
     group = GroupDir(tmp_path / "runs" / "tiny")
     assert group.arm("loram").status()["status"] == "failed"
     assert group.arm("lora").status()["status"] == "done"
+    from fluxlora.runner import summary_table
+
+    table = summary_table(results).splitlines()
+    assert "peak MB" in table[0] and table[2].startswith("loram") and "rank must be >= 2" in table[2]
+    assert table[3].startswith("lora ") and table[3].endswith("done") and results[1]["peak_memory_mb"] > 0

@@ -173,3 +173,25 @@ def test_tensorboard_mirror_of_metrics(tmp_path, tiny_flux, subject_dir):
     run(cfg, warn=lambda m: None)
     events = list((tmp_path / "runs" / "tiny" / "lora" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_second_training_on_a_locked_run_folder_is_refused(tmp_path, tiny_flux, subject_dir):
+    import subprocess
+    import sys
+
+    from fluxlora.runner import RunError
+
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir)
+    run(cfg, warn=lambda m: None)
+    lock = tmp_path / "runs" / "tiny" / ".lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(str(sleeper.pid))  # a live process holds the folder
+        with pytest.raises(RunError, match=f"pid {sleeper.pid}"):
+            run(cfg, resume=True, warn=lambda m: None)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    warnings = []
+    run(cfg, resume=True, warn=warnings.append)  # the holder is gone: stale lock taken over
+    assert any("stale lock" in w for w in warnings) and not lock.exists()
