@@ -195,3 +195,49 @@ def test_second_training_on_a_locked_run_folder_is_refused(tmp_path, tiny_flux, 
     warnings = []
     run(cfg, resume=True, warn=warnings.append)  # the holder is gone: stale lock taken over
     assert any("stale lock" in w for w in warnings) and not lock.exists()
+
+
+def test_nonfinite_loss_is_not_applied_and_stops_the_arm(tmp_path, tiny_flux, subject_dir, monkeypatch):
+    import fluxlora.train as T
+
+    real = T.loss_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, rec = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 1 else loss), rec
+
+    monkeypatch.setattr(T, "loss_step", poisoned)
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 5, "max_bad_steps": 2})
+    result = run(cfg, warn=lambda m: None)[0]
+    assert "not finite for 2 consecutive steps (last at step 3)" in result["error"]
+    arm = GroupDir(tmp_path / "runs" / "tiny").arm("lora")
+    assert arm.status()["status"] == "failed"
+    assert [r.get("skipped", False) for r in arm.metrics()] == [False, True, True]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, tiny_flux, subject_dir, monkeypatch):
+    import fluxlora.train as T
+
+    full = tiny_config(tmp_path, tiny_flux, subject_dir, name="full", train={"steps": 4, "checkpoint_every": 0})
+    run(full, warn=lambda m: None)
+    real = T.make_batch
+
+    def interrupt_at_step_2(prep, micro, *args, **kwargs):
+        if micro == 2:
+            raise KeyboardInterrupt
+        return real(prep, micro, *args, **kwargs)
+
+    cut = tiny_config(tmp_path, tiny_flux, subject_dir, name="cut", train={"steps": 4, "checkpoint_every": 0})
+    monkeypatch.setattr(T, "make_batch", interrupt_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cut, warn=lambda m: None)
+    arm = GroupDir(tmp_path / "runs" / "cut").arm("lora")
+    assert arm.status()["status"] == "interrupted" and [p.name for p in arm.checkpoints()] == ["step-000002"]
+    monkeypatch.setattr(T, "make_batch", real)
+    run(cut, resume=True, warn=lambda m: None)
+    a = load_file(str(tmp_path / "runs/full/lora/adapter.safetensors"))
+    b = load_file(str(arm.adapter_file))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
