@@ -91,8 +91,11 @@ class ArmDir:
         return out
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop records past ``after_step`` (on resume, so the log has no duplicated steps)."""
-        keep = [r for r in self.metrics() if r.get("step", 0) <= after_step]
+        """Drop records past ``after_step`` (all of them for 0, since step 0 is redone) on resume, so
+        the log has no duplicated steps."""
+        if not self.metrics_file.exists():
+            return
+        keep = [r for r in self.metrics() if after_step > 0 and r.get("step", 0) <= after_step]
         tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         os.replace(tmp, self.metrics_file)

@@ -163,8 +163,8 @@ def _start(prep, cfg, arm, info, resume_from, log):
     start = 0
     if resume_from is not None:
         start = checkpoint.load(resume_from, model, optimizer, lr_scheduler, gen)["step"]
-        arm.truncate_metrics(start)
-    else:
+    arm.truncate_metrics(start)  # records of steps after the checkpoint (a killed attempt) are redone
+    if resume_from is None:
         write_json(arm.init_file, init_record(info))
     arm.set_status("running", step=start, total=t.steps, method=info.method)
     if start == 0:
@@ -235,7 +235,11 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
         bar.close()
         log.close()
     arm.set_status("running", step=done, total=t.steps, method=method)
-    export.export_arm(model, info, arm, cfg, method, t.steps)
+    try:
+        export.export_arm(model, info, arm, cfg, method, t.steps)
+    except OSError as e:
+        raise TrainingStopped(f"could not write {arm.adapter_file}: {e} -> the final checkpoint is kept; "
+                              f"free disk space and run: fluxlora export {arm.root.parent}") from e
     return summarize(arm, info, time.perf_counter() - t_start, prep.device)
 
 
