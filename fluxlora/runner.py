@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from fluxlora import adapters, checkpoint
+from fluxlora import adapters, checkpoint, preflight
 from fluxlora.config import config_hash, dump_config
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
@@ -76,6 +76,7 @@ def run(cfg, resume: bool = False, warn=print) -> list[dict]:
                            "pip install tensorboard, or set train.tensorboard=false") from None
     if resume and cfg.train.resume is None:
         cfg.train.resume = "latest"
+    preflight.check(cfg)
     group = open_group(cfg, resume, warn)
     try:
         return _run_arms(cfg, group, resume, warn)

@@ -1,0 +1,59 @@
+"""Checks before anything heavy loads: data folders, model path, output folder. All problems together.
+
+A typo in a path must cost seconds, not the minutes it takes to load a model first."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from fluxlora import data
+from fluxlora.config import ConfigError, Problem, RunConfig
+
+
+def _data_problems(cfg: RunConfig) -> list[Problem]:
+    out = []
+    try:
+        data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt)
+    except data.DataError as e:
+        out.append(Problem("data.instance_dir", repr(cfg.data.instance_dir), str(e),
+                           "point it at a folder of usable images"))
+    class_dir = cfg.data.class_dir
+    if class_dir and not cfg.data.num_class_images and not Path(class_dir).is_dir():
+        out.append(Problem("data.class_dir", repr(class_dir), "folder does not exist",
+                           "create it, or set data.num_class_images to generate class images"))
+    return out
+
+
+def _model_problems(cfg: RunConfig) -> list[Problem]:
+    from fluxlora.families.flux import ModelLoadError, resolve_path
+
+    try:
+        resolve_path(cfg.model.path)
+    except ModelLoadError as e:
+        return [Problem("model.path", repr(cfg.model.path), str(e).split(" -> fix: ")[0],
+                        str(e).split(" -> fix: ")[-1])]
+    return []
+
+
+def _output_problems(cfg: RunConfig) -> list[Problem]:
+    out_dir = Path(cfg.output_dir)
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the nearest existing ancestor must let us create the folder
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".fluxlora-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return [Problem("output_dir", repr(cfg.output_dir), f"cannot write there ({e.strerror})",
+                        "choose a writable folder (output_dir=...)")]
+    return []
+
+
+def check(cfg: RunConfig, source: str = "<config>") -> None:
+    """Raise one ConfigError listing every data, model-path and output-folder problem."""
+    problems = _data_problems(cfg) + _model_problems(cfg) + _output_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems)
