@@ -40,9 +40,11 @@ def export(run_dir: Path, arms: list[str] | None) -> int:
     group, cfg = _open_run(run_dir)
     family = FAMILIES[cfg.model.family]
     pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
-    model, a = pipe.transformer, cfg.adapter
+    from fluxlora.config import arm_config
+
+    model = pipe.transformer
     for name in arms or cfg.adapter.arms:
-        arm = group.arm(name)
+        arm, a = group.arm(name), arm_config(cfg, name).adapter
         ckpt = checkpoint.find(arm, "latest")
         if ckpt is None:
             raise RunError(f"arm {name} of {run_dir} has no complete checkpoint to export from")
@@ -51,7 +53,7 @@ def export(run_dir: Path, arms: list[str] | None) -> int:
         info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True)
         adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
         step = int(ckpt.name.split("-")[1])
-        path = exporter.export_arm(model, info, arm, cfg, name, step)
+        path = exporter.export_arm(model, info, arm, arm_config(cfg, name), name, step)
         adapters.remove(model, info)
         print(f"{name}: {path} (from {ckpt.name})")
     return 0

@@ -71,6 +71,16 @@ class DataConfig(Section):
         return self
 
 
+class ArmOverride(Section):
+    """Per-arm settings that differ from the shared ones (the arm is named by its init method)."""
+
+    rank: int | None = Field(None, ge=1, le=1024)
+    alpha: Float | None = Field(None, gt=0)
+    scaling: Literal["standard", "rslora", "lora_alpha"] | None = None
+    alpha_coefficient: Float | None = Field(None, gt=0)
+    lr: Float | None = Field(None, gt=0, lt=1)
+
+
 class AdapterConfig(Section):
     init: str | list[str] = Field("lora", description="init method, or a list of arms to compare")
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
@@ -82,6 +92,8 @@ class AdapterConfig(Section):
     alpha_coefficient: Float = Field(16.0, gt=0, description="C of the lora_alpha rule: s = C/sqrt(r)")
     lr_ratio_b: Float = Field(1.0, gt=0, description="LoRA+ ratio of B's learning rate")
     pissa_niter: int = Field(4, ge=0, description="subspace iterations of pissa_fast")
+    overrides: dict[str, ArmOverride] = Field(default_factory=dict,
+                                              description="per-arm rank/alpha/scaling/lr, keyed by method")
 
     @field_validator("init")
     @classmethod
@@ -95,6 +107,13 @@ class AdapterConfig(Section):
         if len(set(arms)) != len(arms):
             raise ValueError(f"adapter.init lists a method twice: {arms}")
         return v
+
+    @model_validator(mode="after")
+    def _overrides(self):
+        stray = [k for k in self.overrides if k not in self.arms]
+        if stray:
+            raise ValueError(f"adapter.overrides names arms that are not in adapter.init: {stray}")
+        return self
 
     @property
     def arms(self) -> list[str]:
@@ -156,6 +175,17 @@ class SampleConfig(Section):
 class ExportConfig(Section):
     formats: list[Literal["diffusers"]] = Field(default_factory=lambda: ["diffusers"], min_length=1)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+def arm_config(cfg: "RunConfig", method: str) -> "RunConfig":
+    """The config one arm trains with: the shared settings plus that arm's overrides."""
+    o = cfg.adapter.overrides.get(method)
+    if o is None:
+        return cfg
+    adapter = {k: v for k, v in o.model_dump().items() if v is not None and k != "lr"}
+    train = {"lr": o.lr} if o.lr is not None else {}
+    return cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update=adapter),
+                                  "train": cfg.train.model_copy(update=train)})
 
 
 class RunConfig(Section):

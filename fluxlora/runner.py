@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from fluxlora import adapters, checkpoint, preflight
-from fluxlora.config import config_hash, dump_config
+from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
 from fluxlora.train import TrainingStopped, train_arm
@@ -101,7 +101,7 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn) -> list[dict]:
             results.append(arm.status().get("summary", {"arm": method}))
             continue
         try:
-            summary = train_arm(prep, cfg, method, arm)
+            summary = train_arm(prep, arm_config(cfg, method), method, arm)
         except (TrainingStopped, adapters.AdapterError, checkpoint.CheckpointError) as e:
             arm.set_status("failed", error=str(e))
             warn(f"arm {method} failed: {e}")

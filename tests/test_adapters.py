@@ -112,3 +112,22 @@ def test_loram_rank_one_refused_and_other_arms_still_run(tmp_path, tiny_flux, su
     table = summary_table(results).splitlines()
     assert "peak MB" in table[0] and table[2].startswith("loram") and "rank must be >= 2" in table[2]
     assert table[3].startswith("lora ") and table[3].endswith("done") and results[1]["peak_memory_mb"] > 0
+
+
+def test_per_arm_overrides(tmp_path, tiny_flux, subject_dir):
+    import json
+
+    from fluxlora.config import ConfigError
+
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir,
+                      adapter={"init": ["lora", "pissa"], "rank": 4,
+                               "overrides": {"pissa": {"rank": 2, "scaling": "rslora", "lr": 1.0e-4}}})
+    run(cfg, warn=lambda m: None)
+    group = GroupDir(tmp_path / "runs" / "tiny")
+    lora, pissa = (json.loads(group.arm(a).init_file.read_text()) for a in ("lora", "pissa"))
+    assert (lora["rank"], lora["scale"]) == (4, 1.0)
+    assert pissa["rank"] == 2 and pissa["scale"] == pytest.approx(2 / 2 ** 0.5)
+    assert group.arm("pissa").metrics()[0]["lr"] == pytest.approx(1e-4)
+    assert group.arm("lora").metrics()[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="not in adapter.init"):
+        tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": "lora", "overrides": {"loram": {"rank": 2}}})
