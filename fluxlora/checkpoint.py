@@ -22,7 +22,7 @@ class CheckpointError(Exception):
 
 
 def save(arm: ArmDir, step: int, model, optimizer, lr_scheduler, generator: torch.Generator,
-         keep: int, extra: dict | None = None) -> Path:
+         keep: int) -> Path:
     final = arm.checkpoints_dir / step_name(step)
     tmp = arm.checkpoints_dir / f".tmp-{step_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -32,7 +32,7 @@ def save(arm: ArmDir, step: int, model, optimizer, lr_scheduler, generator: torc
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
                    tmp / "trainer.pt")
-        write_json(tmp / "state.json", {"step": step, **(extra or {})})
+        write_json(tmp / "state.json", {"step": step})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

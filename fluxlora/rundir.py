@@ -19,9 +19,6 @@ import os
 import time
 from pathlib import Path
 
-STATUSES = ("queued", "running", "done", "failed", "interrupted")
-
-
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 

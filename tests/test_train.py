@@ -163,6 +163,11 @@ def test_cli_export_and_sample_use_the_run_folder(tmp_path, tiny_flux, subject_d
         assert again.keys() == tensors.keys()
         for k in tensors:
             torch.testing.assert_close(again[k], tensors[k], rtol=0, atol=0)
+    from fluxlora.export import read_metadata
+
+    meta = read_metadata(root / "loram" / "adapter.safetensors")
+    assert (meta["method"], meta["rank"], meta["export_rank"]) == ("loram", 4, 8)
+    assert meta["lora_config"]["transformer.r"] == 8 and meta["lora_config"]["transformer.lora_alpha"] == 8
     out = tmp_path / "s.png"
     assert commands.sample(root, "a zxq emblem on a red background, center", 0, 2, "loram", str(out)) == 0
     assert out.exists()

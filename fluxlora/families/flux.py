@@ -6,7 +6,6 @@ the transformer predicts the velocity n - x0, on 2x2-packed latents with (0, row
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -181,8 +180,3 @@ def generate(pipe, embeds, pooled, neg, seed: int, resolution: int, steps: int, 
              true_cfg: float):
     """One image (PIL) from cached prompt embeddings [1, ...]."""
     return generate_many(pipe, embeds, pooled, neg, [seed], resolution, steps, guidance, true_cfg)[0]
-
-
-def sigma_checksum(x: torch.Tensor) -> float:
-    """A cheap fingerprint of a tensor, for asserting that arms see identical noise/sigmas."""
-    return float(x.double().sum().item() + math.fsum(x.double().flatten()[:16].tolist()))
