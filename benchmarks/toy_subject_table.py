@@ -1,6 +1,7 @@
-"""Per-arm fidelity table (and a step-by-arm picture) from a finished toy-subject run folder.
+"""Per-arm fidelity table (and a step-by-arm picture) from finished toy-subject run folders.
 
     python benchmarks/toy_subject_table.py runs/toy_subject [--png docs/toy_subject_steps.png]
+    python benchmarks/toy_subject_table.py runs/toy_subject runs/toy_subject_seed1 ...   (mean +- sd)
 """
 
 from __future__ import annotations
@@ -26,6 +27,29 @@ def table(group: GroupDir) -> str:
     return "\n".join(lines)
 
 
+def across_runs(groups: list[GroupDir], keys=("subject_fidelity", "prior_drift_px")) -> str:
+    """Mean +- sample sd over runs (e.g. seeds) per arm and sample step."""
+    import statistics
+
+    values: dict[tuple[str, int, str], list[float]] = {}
+    for group in groups:
+        for arm in group.arms():
+            for r in arm.metrics():
+                if "subject_fidelity" in r:
+                    for k in keys:
+                        values.setdefault((arm.name, r["step"], k), []).append(r[k])
+    rows = sorted({(a, s) for a, s, _ in values}, key=lambda x: ([g.name for g in groups[0].arms()].index(x[0]), x[1]))
+    lines = [f"| arm | step | n | " + " | ".join(keys) + " |", "|---|---:|---:|" + "---:|" * len(keys)]
+    for arm, step in rows:
+        cells = []
+        for k in keys:
+            v = values[(arm, step, k)]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            cells.append(f"{statistics.mean(v):.3f} +- {sd:.3f}")
+        lines.append(f"| {arm} | {step} | {len(values[(arm, step, keys[0])])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def picture(group: GroupDir, out: Path, image: str = "00.png") -> None:
     from PIL import Image, ImageDraw
 
@@ -46,13 +70,13 @@ def picture(group: GroupDir, out: Path, image: str = "00.png") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dirs", nargs="+")
     ap.add_argument("--png", default=None)
     args = ap.parse_args()
-    group = GroupDir(Path(args.run_dir))
-    print(table(group))
+    groups = [GroupDir(Path(d)) for d in args.run_dirs]
+    print(table(groups[0]) if len(groups) == 1 else across_runs(groups))
     if args.png:
-        picture(group, Path(args.png))
+        picture(groups[0], Path(args.png))
 
 
 if __name__ == "__main__":
