@@ -76,6 +76,7 @@ def prepare(cfg, device: torch.device, warn=print) -> Prepared:
     pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
     max_len = cfg.model.max_sequence_length or family.default_max_sequence_length(cfg.model.path)
     pipe.vae.to(device), pipe.text_encoder.to(device), pipe.text_encoder_2.to(device)
+    pipe.transformer.to(device)  # needed for class images and the evaluator's base samples
     class_samples = []
     if cfg.data.class_prompt:
         folder = Path(cfg.data.class_dir or Path(cfg.output_dir) / cfg.name / "class_images")
@@ -100,7 +101,6 @@ def prepare(cfg, device: torch.device, warn=print) -> Prepared:
     evaluator = None
     if metrics.is_toy_model(cfg.model.path):
         s = cfg.sample
-        pipe.transformer.to(device)
         evaluator = metrics.ToyEvaluator(family, pipe, max_len, s.resolution or cfg.data.resolution, s.steps,
                                          s.guidance, s.true_cfg)
     # The loop needs only the transformer on the accelerator: encoders go back to the CPU.

@@ -170,9 +170,16 @@ def generate_many(pipe, embeds, pooled, neg, seeds: list[int], resolution: int, 
         kwargs = dict(negative_prompt_embeds=neg[0].expand(n, -1, -1).to(dev, dtype),
                       negative_pooled_prompt_embeds=neg[1].expand(n, -1).to(dev, dtype), true_cfg_scale=true_cfg)
     latents = torch.cat([initial_noise(s, c, h, w) for s in seeds]).to(dev, dtype)
-    out = pipe(prompt_embeds=embeds.to(dev, dtype), pooled_prompt_embeds=pooled.to(dev, dtype), latents=latents,
-               height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance,
-               output_type="pil", **kwargs)
+    # The pipeline runs where its first module (the VAE) lives; the VAE waits on the CPU during training
+    # (DESIGN decision 4), so it joins the transformer for sampling and goes back afterwards.
+    vae_device = pipe.vae.device
+    pipe.vae.to(dev)
+    try:
+        out = pipe(prompt_embeds=embeds.to(dev, dtype), pooled_prompt_embeds=pooled.to(dev, dtype),
+                   latents=latents, height=resolution, width=resolution, num_inference_steps=steps,
+                   guidance_scale=guidance, output_type="pil", **kwargs)
+    finally:
+        pipe.vae.to(vae_device)
     return out.images
 
 
