@@ -89,6 +89,7 @@ class AdapterConfig(Section):
     targets: Literal["attn", "attn_context", "wide"] = Field("attn", description="target preset")
     target_modules: list[str] | None = Field(None, description="explicit module-name suffixes")
     scaling: Literal["standard", "rslora", "lora_alpha"] = Field("standard", description="scale rule")
+    # Default from the toy sweep in BENCHMARKS.md (not the LLM calibration C ~ 256).
     alpha_coefficient: Float = Field(16.0, gt=0, description="C of the lora_alpha rule: s = C/sqrt(r)")
     lr_ratio_b: Float = Field(1.0, gt=0, description="LoRA+ ratio of B's learning rate")
     pissa_niter: int = Field(4, ge=0, description="subspace iterations of pissa_fast")
