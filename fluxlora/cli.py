@@ -14,6 +14,7 @@ EPILOG = """examples:
   fluxlora train my_subject.yaml --resume
   fluxlora export runs/toy_subject
   fluxlora sample runs/toy_subject --prompt "a zxq emblem on a red background, center" --seed 3
+  fluxlora info runs/toy_subject/loram/adapter.safetensors
   fluxlora toy pretrain --out toy_base
 """
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     s.add_argument("--arm", default=None, help="which arm (default: the first)")
     s.add_argument("--out", default=None, help="output PNG (default: <arm>/sample-<seed>.png)")
+    i = sub.add_parser("info", help="print the metadata of an exported adapter file")
+    i.add_argument("file", help="adapter.safetensors")
     toy = sub.add_parser("toy", help="the embedded toy base model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pt = toy_sub.add_parser("pretrain", help="pretrain the toy FLUX base model (resumable)")
@@ -92,6 +95,8 @@ def dispatch(args) -> int:
         return commands.export(Path(args.run_dir), args.arm)
     if args.command == "sample":
         return commands.sample(Path(args.run_dir), args.prompt, args.seed, args.steps, args.arm, args.out)
+    if args.command == "info":
+        return commands.info(Path(args.file))
     if args.command == "toy":
         from fluxlora.toy.pretrain import pretrain
 

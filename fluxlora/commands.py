@@ -82,3 +82,25 @@ def sample(run_dir: Path, prompt: str, seed: int, steps: int | None, arm_name: s
     image.save(path)
     print(path)
     return 0
+
+
+def info(path: Path) -> int:
+    """Print what an exported adapter file says about itself (fluxlora record + LoRA config)."""
+    import json
+
+    from fluxlora.export import read_metadata
+    from fluxlora.runner import RunError
+
+    if not path.is_file():
+        raise RunError(f"{path} is not a file -> fix: pass an exported adapter.safetensors")
+    try:
+        meta = read_metadata(path)
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise RunError(f"{path} is not a readable safetensors file ({e})") from e
+    config = meta.pop("lora_config", {})
+    for key in sorted(meta):
+        print(f"{key:>14}: {meta[key]}")
+    short = {k.removeprefix("transformer."): v for k, v in config.items()}
+    print(f"{'lora_config':>14}: " + json.dumps({k: short[k] for k in ("r", "lora_alpha", "use_rslora",
+                                                                        "init_lora_weights") if k in short}))
+    return 0

@@ -168,6 +168,7 @@ def test_cli_export_and_sample_use_the_run_folder(tmp_path, tiny_flux, subject_d
     meta = read_metadata(root / "loram" / "adapter.safetensors")
     assert (meta["method"], meta["rank"], meta["export_rank"]) == ("loram", 4, 8)
     assert meta["lora_config"]["transformer.r"] == 8 and meta["lora_config"]["transformer.lora_alpha"] == 8
+    assert commands.info(root / "loram" / "adapter.safetensors") == 0
     out = tmp_path / "s.png"
     assert commands.sample(root, "a zxq emblem on a red background, center", 0, 2, "loram", str(out)) == 0
     assert out.exists()
