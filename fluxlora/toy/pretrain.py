@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fluxlora.families.flux import image_ids, pack
 from fluxlora.toy import build, world
 
 SAMPLE_DEFAULTS = {"steps": 20, "true_cfg": 4.0, "max_sequence_length": build.T5_MAX_LENGTH}
@@ -160,21 +161,6 @@ def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int, device: s
 
 
 # ----- stage 4: transformer -------------------------------------------------------------------------
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, H/2 * W/2, 4C]: FLUX's 2x2 patch packing (same order as FluxPipeline)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def image_ids(h: int, w: int) -> torch.Tensor:
-    """Position ids of packed latent tokens: (0, row, col), as FluxPipeline builds them."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3)
-
 
 def flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids) -> torch.Tensor:
     """Flow-matching loss of one random batch (captions dropped to "" at CAPTION_DROPOUT for CFG)."""
