@@ -15,6 +15,7 @@ EPILOG = """examples:
   fluxlora export runs/toy_subject
   fluxlora sample runs/toy_subject --prompt "a zxq emblem on a red background, center" --seed 3
   fluxlora info runs/toy_subject/loram/adapter.safetensors
+  fluxlora webui --runs runs
   fluxlora toy pretrain --out toy_base
 """
 
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output PNG (default: <arm>/sample-<seed>.png)")
     i = sub.add_parser("info", help="print the metadata of an exported adapter file")
     i.add_argument("file", help="adapter.safetensors")
+    w = sub.add_parser("webui", help="browse and compare runs side by side in the browser (Gradio)")
+    w.add_argument("--runs", default="runs", help="runs folder to browse and launch into (default: runs)")
+    w.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    w.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    w.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     toy = sub.add_parser("toy", help="the embedded toy base model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pt = toy_sub.add_parser("pretrain", help="pretrain the toy FLUX base model (resumable)")
@@ -97,6 +103,10 @@ def dispatch(args) -> int:
         return commands.sample(Path(args.run_dir), args.prompt, args.seed, args.steps, args.arm, args.out)
     if args.command == "info":
         return commands.info(Path(args.file))
+    if args.command == "webui":
+        from webui.app import serve
+
+        return serve(Path(args.runs), args.host, args.port, args.auth)
     if args.command == "toy":
         from fluxlora.toy.pretrain import pretrain
 
