@@ -62,23 +62,12 @@ def export(run_dir: Path, arms: list[str] | None) -> int:
 def sample(run_dir: Path, prompt: str, seed: int, steps: int | None, arm_name: str | None,
            out: str | None) -> int:
     """Generate through diffusers' own loader: FluxPipeline + load_lora_weights(adapter.safetensors)."""
-    from fluxlora.families import FAMILIES
-    from fluxlora.runner import RunError
+    from fluxlora.compare import AdapterBench
 
-    group, cfg = _open_run(run_dir)
-    arm = group.arm(arm_name or cfg.adapter.arms[0])
-    if not arm.adapter_file.exists():
-        raise RunError(f"{arm.adapter_file} does not exist -> fix: finish training or run fluxlora export")
-    family = FAMILIES[cfg.model.family]
-    pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
-    pipe.load_lora_weights(str(arm.adapter_file))
-    max_len = cfg.model.max_sequence_length or family.default_max_sequence_length(cfg.model.path)
-    embeds, pooled = family.encode_prompts(pipe, [prompt], max_len)
-    neg = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
-    s = cfg.sample
-    image = family.generate(pipe, embeds, pooled, neg, seed, s.resolution or cfg.data.resolution,
-                            steps or s.steps, s.guidance, s.true_cfg)
-    path = Path(out) if out else arm.root / f"sample-{seed}.png"
+    bench = AdapterBench(run_dir)
+    arm = arm_name or bench.cfg.adapter.arms[0]
+    image = bench.image(arm, prompt, seed, steps)
+    path = Path(out) if out else bench.group.arm(arm).root / f"sample-{seed}.png"
     image.save(path)
     print(path)
     return 0

@@ -1,0 +1,66 @@
+"""Generating with a run's exported adapters on one loaded base: the base pipeline is loaded once,
+every arm's adapter file is loaded into it once (diffusers' ``load_lora_weights``, under its own
+adapter name), and generating switches between them (or disables them all for the base model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fluxlora.rundir import GroupDir
+from fluxlora.runner import RunError
+
+BASE = "base"
+
+
+class AdapterBench:
+    """The base model of a run group plus its arms' exported adapters, ready to generate."""
+
+    def __init__(self, run_dir: Path, device: str | None = None):
+        from fluxlora.config import load_config
+        from fluxlora.families import FAMILIES
+
+        self.group = GroupDir(run_dir)
+        if not self.group.config_file.exists():
+            raise RunError(f"{run_dir} is not a run folder (no config.yaml) -> fix: pass runs/<name>")
+        self.cfg = cfg = load_config(self.group.config_file)
+        self.family = FAMILIES[cfg.model.family]
+        self.pipe = self.family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision,
+                                              cfg.model.quantize)
+        if device:
+            self.pipe.to(device)
+        self.max_len = cfg.model.max_sequence_length or self.family.default_max_sequence_length(cfg.model.path)
+        self.loaded: dict[str, str] = {}  # arm -> adapter name inside the pipeline
+        self._negative = None
+
+    def arms_with_adapters(self) -> list[str]:
+        return [a.name for a in self.group.arms() if a.adapter_file.is_file()]
+
+    def _activate(self, arm: str | None) -> None:
+        if arm is None or arm == BASE:
+            if self.loaded:
+                self.pipe.disable_lora()
+            return
+        if arm not in self.loaded:
+            file = self.group.arm(arm).adapter_file
+            if not file.is_file():
+                raise RunError(f"{file} does not exist -> fix: finish training or run fluxlora export")
+            self.pipe.load_lora_weights(str(file), adapter_name=f"arm_{arm}")
+            self.loaded[arm] = f"arm_{arm}"
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([self.loaded[arm]])
+
+    def image(self, arm: str | None, prompt: str, seed: int, steps: int | None = None):
+        """One image (PIL) of ``prompt`` at ``seed`` with ``arm``'s adapter (None or 'base': no adapter),
+        at the run's sampling settings."""
+        self._activate(arm)
+        embeds, pooled = self.family.encode_prompts(self.pipe, [prompt], self.max_len)
+        s = self.cfg.sample
+        if self._negative is None:
+            self._negative = self.family.encode_prompts(self.pipe, [s.negative_prompt], self.max_len)
+        return self.family.generate(self.pipe, embeds, pooled, self._negative, seed,
+                                    s.resolution or self.cfg.data.resolution, steps or s.steps, s.guidance, s.true_cfg)
+
+    def side_by_side(self, prompt: str, seed: int, steps: int | None = None, with_base: bool = True):
+        """[(label, image)] for the base model (optional) and every arm that has an exported adapter."""
+        names = ([BASE] if with_base else []) + self.arms_with_adapters()
+        return [(name, self.image(name, prompt, seed, steps)) for name in names]

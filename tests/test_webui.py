@@ -1,0 +1,164 @@
+"""The web UI without a browser: views computed from a real finished run, the runs-folder file guard,
+upload checks, launching and cancelling a training subprocess, and generation on one loaded base."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from fluxlora.rundir import GroupDir
+
+pytest.importorskip("gradio")
+
+
+@pytest.fixture(scope="module")
+def finished_group(tmp_path_factory, tiny_flux, subject_dir):
+    """A finished 2-arm tiny run with samples at steps 0, 2, 4 (shared by the web UI tests)."""
+    from fluxlora.runner import run
+
+    root = tmp_path_factory.mktemp("webui")
+    cfg = tiny_config(root, tiny_flux, subject_dir, adapter={"init": ["lora", "loram"], "rank": 4},
+                      train={"steps": 4, "lr": 1.0e-2}, sample={"every": 2, "steps": 2, "seeds": [0, 1],
+                                                                "prompts": ["a zxq emblem on a red background, center"]})
+    results = run(cfg, warn=lambda m: None)
+    assert all("error" not in r for r in results), results
+    return root / "runs", GroupDir(root / "runs" / "tiny")
+
+
+def test_webui_views_import_no_torch():
+    code = "import sys, webui.views, webui.files, webui.launch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_views_of_a_finished_group(finished_group):
+    from webui import views
+
+    runs, group = finished_group
+    table = views.groups_table(runs)
+    assert list(table["run"]) == ["tiny"] and table["status"][0] == "done"
+    assert table["progress"][0] == "8/8 (100%)"
+    assert views.sample_steps(group) == [0, 2, 4]
+    assert views.nearest_step([0, 2, 4], 3) == 2 and views.nearest_step([0, 2, 4], -1) == 0
+    items, cols = views.step_grid(group, 2)
+    assert cols == 2 and len(items) == 4  # rows = 2 arms, columns = 1 prompt x 2 seeds
+    assert [label.split(" · ")[:3] for _, label in items][:2] == [["lora", "step 2", "seed 0"],
+                                                                   ["lora", "step 2", "seed 1"]]
+    assert items[2][1].startswith("loram · step 2")
+    assert all(path.endswith(".png") and "step-000002" in path for path, _ in items)
+    loss = views.loss_curves(group)
+    assert set(loss["arm"]) == {"lora", "loram"} and len(loss) == 8
+    facts = views.facts_table(group)
+    assert list(facts["method"]) == ["lora", "loram"] and list(facts["rank"]) == [4, 4]
+    assert all(f != "-" for f in facts["peak MB"])
+    assert [a for a, _ in views.adapter_files(group)] == ["lora", "loram"]
+    assert views.open_group(runs, "../tiny") is None and views.open_group(runs, "tiny").root == group.root
+
+
+def test_smoothing_is_a_bias_corrected_moving_average():
+    from webui.views import smooth
+
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    out = smooth([0.0, 1.0], factor=0.5)
+    assert out == pytest.approx([0.0, 0.5 * 1.0 / 0.75])
+
+
+def test_file_guard_serves_only_files_inside_the_runs_folder(finished_group, tmp_path):
+    from webui.files import resolve_inside
+
+    runs, group = finished_group
+    assert resolve_inside(runs, "tiny/lora/adapter.safetensors") == (group.root / "lora" / "adapter.safetensors").resolve()
+    outside = runs.parent / "secret.png"
+    outside.write_bytes(b"x")
+    (runs / "tiny" / "link.png").symlink_to(outside)
+    for bad in ("../secret.png", "tiny/../../secret.png", str(outside), "tiny/link.png", "tiny/lora",
+                "tiny/.lock", "tiny/lora/checkpoints/missing.png", "tiny/config.py", "a\x00b.png"):
+        assert resolve_inside(runs, bad) is None, bad
+
+
+def test_auth_value_is_checked():
+    from webui.files import parse_auth
+
+    assert parse_auth("me:secret:x") == ("me", "secret:x") and parse_auth(None) is None
+    for bad in ("me", ":x", "me:"):
+        with pytest.raises(ValueError, match="USER:PASS"):
+            parse_auth(bad)
+
+
+def _images(folder, n, size=64):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.new("RGB", (size, size), (40 * i % 255, 90, 200)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_launch_form_problems_are_all_reported_and_nothing_is_left(tmp_path):
+    from webui.launch import LaunchError, LaunchForm, stage
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    imgs = _images(tmp_path / "up", 2)
+    fake = tmp_path / "up" / "fake.png"
+    fake.write_text("not an image")
+    small = _images(tmp_path / "small", 1, size=16)[0]
+    form = LaunchForm(name="../evil", images=imgs + [fake, small], trigger="a b", prompt="no placeholder", arms=[])
+    with pytest.raises(LaunchError) as e:
+        stage(form, runs)
+    text = str(e.value)
+    for needle in ("run name", "trigger word", "{trigger}", "fake.png: not a readable image", "smaller than 32",
+                   "arms"):
+        assert needle in text, needle
+    assert not any(runs.iterdir())
+    many = LaunchForm(name="ok", images=_images(tmp_path / "many", 21), trigger="zxq")
+    with pytest.raises(LaunchError, match="upload 3-20"):
+        stage(many, runs)
+
+
+def test_launch_then_cancel_keeps_a_resumable_checkpoint(tmp_path, tiny_flux):
+    """The subprocess is interrupted like Ctrl-C: exit 130, arm 'interrupted', a checkpoint to resume."""
+    from webui.launch import Jobs, LaunchForm, stage
+
+    runs = tmp_path / "runs"
+    form = LaunchForm(name="sub", images=_images(tmp_path / "up", 3), trigger="zxq", arms=["lora"], rank=2,
+                      steps=5000, resolution=64, model_path=str(tiny_flux))
+    runs.mkdir()
+    config = stage(form, runs)
+    jobs = Jobs(runs)
+    jobs.start("sub", config)
+    arm = GroupDir(runs / "sub").arm("lora")
+    deadline = time.monotonic() + 240
+    while (arm.status().get("step") or 0) < 3 and jobs.running("sub") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert jobs.running("sub"), jobs.log_tail("sub")
+    message = jobs.cancel("sub", grace=120)
+    assert "stopped (exit 130)" in message and "--resume" in message, message
+    assert arm.status()["status"] == "interrupted"
+    assert arm.checkpoints(), "no checkpoint written on cancel"
+
+
+def test_generate_uses_one_base_and_reproduces_the_trained_samples(finished_group):
+    """Each arm's image equals its final training sample; the base equals the step-0 sample; the base
+    pipeline is loaded once for all of it."""
+    from webui.handlers import Handlers
+
+    runs, group = finished_group
+    h = Handlers(runs)
+    out = h.generate("tiny", "a zxq emblem on a red background, center", 1, 0, True)
+    assert [label for _, label in out] == ["base · seed 1", "lora · seed 1", "loram · seed 1"]
+    expected = {"base": group.arm("lora").samples_dir / "step-000000" / "01.png",
+                "lora": group.arm("lora").samples_dir / "step-000004" / "01.png",
+                "loram": group.arm("loram").samples_dir / "step-000004" / "01.png"}
+    for img, label in out:
+        want = np.asarray(Image.open(expected[label.split(" · ")[0]])).astype(int)
+        assert np.abs(np.asarray(img).astype(int) - want).max() <= 1, label
+    h.generate("tiny", "a zxq emblem on a blue background, center", 2, 0, False)
+    assert h.bench_loads == 1

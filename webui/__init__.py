@@ -1,0 +1,1 @@
+"""The fluxlora web UI (Gradio); reads run folders through fluxlora.rundir."""

@@ -1,0 +1,175 @@
+"""`fluxlora webui`: the Gradio page that compares a run's arms side by side, step by step.
+
+Layout: a run browser on top (live status), then tabs: Steps (the grid, rows = arms, columns = prompt x
+seed, one slider for all rows), Curves, Facts, Generate (every arm's adapter on one loaded base),
+Launch (upload a subject, start `fluxlora train`), Download. Files are served only from the runs folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from fluxlora.config import KNOWN_INITS
+from webui import views
+from webui.files import BasicAuth, add_file_route, parse_auth
+from webui.handlers import FILE_ROUTE, Handlers
+from webui.launch import MAX_IMAGE_BYTES, MAX_IMAGES, MIN_IMAGES, UPLOADS
+
+CSS = """
+#step-grid .thumbnail-item img, #step-grid img { image-rendering: pixelated; }
+#generate-out img { image-rendering: pixelated; }
+"""
+REFRESH_SECONDS = 2.0
+
+
+def _browser(h: Handlers):
+    with gr.Row():
+        table = gr.Dataframe(views.groups_table(h.runs), label="Runs (click a row)", interactive=False,
+                             elem_id="groups-table", scale=3, max_height=220)
+        with gr.Column(scale=1):
+            names = h.group_names()
+            pick = gr.Dropdown(names, value=names[0] if names else None, label="Run", elem_id="group-pick")
+            refresh = gr.Button("Refresh", elem_id="refresh-btn", size="sm")
+    return table, pick, refresh
+
+
+def _steps_tab():
+    with gr.Row():
+        slider = gr.Slider(0, 1, step=1, value=0, label="Step (all rows move together)", elem_id="step-slider",
+                           scale=5)
+        play = gr.Button("▶ Play", elem_id="play-btn", scale=1)
+    caption = gr.Markdown(elem_id="grid-caption")
+    grid = gr.Gallery(label="Samples: rows = arms, columns = prompt x seed (click to enlarge)", columns=4,
+                      elem_id="step-grid", object_fit="contain", height="auto", allow_preview=True)
+    return slider, play, caption, grid
+
+
+def _curves_tab(h: Handlers, pick):
+    loss = gr.LinePlot(views.loss_curves_empty(), x="step", y="loss", color="arm", title="loss (smoothed)",
+                       tooltip=["arm", "step", "loss", "raw"], elem_id="loss-plot", height=280)
+
+    @gr.render(inputs=pick)
+    def metric_plots(name):
+        group = views.open_group(h.runs, name)
+        if group is None:
+            return
+        for metric in views.metric_names(group):
+            gr.LinePlot(views.metric_curves(group, metric), x="step", y=metric, color="arm", title=metric,
+                        tooltip=["arm", "step", metric], height=240, key=f"metric-{metric}")
+
+    return loss
+
+
+def _generate_tab():
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", elem_id="gen-prompt", scale=4,
+                            placeholder="a zxq emblem on a green background, bottom left")
+        seed = gr.Number(0, label="Seed", precision=0, elem_id="gen-seed", scale=1)
+        steps = gr.Number(0, label="Steps (0 = the run's)", precision=0, minimum=0, maximum=200, scale=1)
+        with_base = gr.Checkbox(True, label="include the base model", scale=1)
+    go = gr.Button("Generate with every arm", variant="primary", elem_id="gen-btn")
+    out = gr.Gallery(label="base + one image per arm, same seed", columns=4, elem_id="generate-out",
+                     object_fit="contain", height="auto")
+    return prompt, seed, steps, with_base, go, out
+
+
+def _launch_tab():
+    gr.Markdown(f"Upload {MIN_IMAGES}-{MAX_IMAGES} images of your subject (PNG/JPEG/WebP, at most "
+                f"{MAX_IMAGE_BYTES // 2**20} MB each). Training runs as a `fluxlora train` subprocess; "
+                "cancelling saves a checkpoint (continue later with `--resume`).")
+    files = gr.File(file_count="multiple", file_types=[".png", ".jpg", ".jpeg", ".webp"], label="Subject images",
+                    elem_id="launch-files")
+    with gr.Row():
+        name = gr.Textbox(label="Run name", elem_id="launch-name")
+        trigger = gr.Textbox("zxq", label="Trigger word", elem_id="launch-trigger")
+        prompt = gr.Textbox("a photo of {trigger}", label="Caption ({trigger} is replaced)", elem_id="launch-prompt")
+        model = gr.Textbox("toy", label="Base model (path, hub id or 'toy')", elem_id="launch-model")
+    with gr.Row():
+        arms = gr.CheckboxGroup(list(KNOWN_INITS), value=["lora", "pissa", "loram"], label="Arms",
+                                elem_id="launch-arms")
+        rank = gr.Slider(1, 128, value=8, step=1, label="Rank", elem_id="launch-rank")
+        steps = gr.Number(400, label="Steps", precision=0, minimum=1, maximum=100000, elem_id="launch-steps")
+        res = gr.Dropdown([64, 256, 512, 768, 1024], value=512, label="Resolution", elem_id="launch-res")
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="launch-btn")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+    status = gr.Markdown(elem_id="launch-status")
+    log = gr.Textbox(label="trainer output (tail)", lines=8, interactive=False, elem_id="launch-log")
+    return [files, name, trigger, prompt, arms, rank, steps, res, model], start, cancel, status, log
+
+
+def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
+    h = Handlers(runs)
+    with gr.Blocks(title="fluxlora — side by side") as demo:
+        gr.Markdown("## fluxlora · LoRA initializations side by side")
+        table, pick, refresh = _browser(h)
+        with gr.Tabs():
+            with gr.Tab("Steps", id="steps"):
+                slider, play, caption, grid = _steps_tab()
+            with gr.Tab("Curves", id="curves"):
+                loss = _curves_tab(h, pick)
+            with gr.Tab("Facts", id="facts"):
+                facts = gr.Dataframe(views.facts_empty(), interactive=False, elem_id="facts-table")
+            with gr.Tab("Generate", id="generate"):
+                g_prompt, g_seed, g_steps, g_base, g_go, g_out = _generate_tab()
+            with gr.Tab("Launch", id="launch"):
+                form, start, cancel, l_status, l_log = _launch_tab()
+            with gr.Tab("Download", id="download"):
+                downloads = gr.HTML(elem_id="downloads")
+        launched, playing = gr.State(None), gr.State(False)
+        live, player = gr.Timer(REFRESH_SECONDS), gr.Timer(1.0, active=False)
+
+        group_outputs = [slider, grid, grid, caption, loss, facts, downloads]
+        pick.change(h.select_group, pick, group_outputs)
+        demo.load(h.select_group, pick, group_outputs)
+        table.select(h.pick_row, None, pick)
+        refresh.click(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs)
+        slider.release(h.move_step, [pick, slider], [grid, grid, caption])
+        slider.input(h.move_step, [pick, slider], [grid, grid, caption], trigger_mode="always_last")
+        play.click(h.play, playing, [playing, player, play])
+        player.tick(h.tick_play, [pick, slider], slider).then(h.move_step, [pick, slider], [grid, grid, caption])
+        live.tick(h.refresh_groups, pick, [table, pick], show_progress="hidden")
+        live.tick(h.launch_progress, launched, [l_status, l_log], show_progress="hidden")
+        g_go.click(h.generate, [pick, g_prompt, g_seed, g_steps, g_base], g_out, concurrency_limit=1)
+        start.click(h.launch, form, [launched, l_status])
+        cancel.click(h.cancel, launched, l_status)
+    return demo, h
+
+
+def create_app(runs: Path, auth: str | None = None):
+    """The FastAPI app: runs-folder file route, optional basic auth, Gradio mounted at '/'."""
+    from fastapi import FastAPI
+
+    runs = Path(runs).resolve()
+    demo, handlers = build(runs)
+    app = FastAPI()
+    add_file_route(app, runs, FILE_ROUTE)
+    credentials = parse_auth(auth)
+    if credentials:
+        app.add_middleware(BasicAuth, user=credentials[0], password=credentials[1])
+    app = gr.mount_gradio_app(app, demo, path="", allowed_paths=[str(runs)],
+                              blocked_paths=[str(runs / UPLOADS)], max_file_size=MAX_IMAGE_BYTES,
+                              footer_links=[], css=CSS)
+    return app, handlers
+
+
+def serve(runs: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None) -> int:
+    import uvicorn
+
+    try:
+        app, handlers = create_app(runs, auth)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host}: other machines can reach this UI"
+              + ("" if auth else " without a password (add --auth user:pass)"), file=sys.stderr)
+    print(f"fluxlora web UI on http://{host}:{port}  (runs folder: {Path(runs).resolve()})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        handlers.jobs.stop_all()
+    return 0

@@ -1,0 +1,83 @@
+"""Serving files from the runs folder, and only from it; optional HTTP basic auth for the whole app."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.responses import Response
+
+SERVED_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".safetensors", ".json", ".jsonl", ".yaml", ".log"}
+
+
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """``root/relative`` if it is an existing file inside ``root`` (after resolving ``..`` and symlinks)
+    with a suffix we serve; otherwise None. Absolute paths, ``..`` escapes and links out are refused."""
+    root = root.resolve()
+    if not relative or "\x00" in relative or Path(relative).is_absolute():
+        return None
+    try:
+        target = (root / relative).resolve()
+    except (OSError, RuntimeError):  # symlink loops, names too long
+        return None
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    if target.suffix.lower() not in SERVED_SUFFIXES:
+        return None
+    parts = target.relative_to(root).parts
+    if any(p.startswith(".") for p in parts):  # lock files, temp folders, uploads in progress
+        return None
+    return target
+
+
+def add_file_route(app: FastAPI, runs: Path, prefix: str = "/runs-file") -> None:
+    """GET {prefix}/<path inside runs> -> the file (adapters download as attachments)."""
+
+    @app.get(prefix + "/{relative:path}")
+    def runs_file(relative: str):
+        target = resolve_inside(runs, relative)
+        if target is None:
+            raise HTTPException(status_code=404, detail="not a file inside the runs folder")
+        if target.suffix == ".safetensors":
+            arm = target.parent.name
+            name = f"{target.parent.parent.name}-{arm}.safetensors"
+            return FileResponse(target, filename=name, media_type="application/octet-stream")
+        return FileResponse(target)
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """'user:pass' -> (user, pass); raises ValueError with the fix for a malformed value."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError(f"--auth {text!r}: expected USER:PASS with both parts non-empty")
+    return user, password
+
+
+class BasicAuth(BaseHTTPMiddleware):
+    """HTTP basic auth in front of every route (pages, API, files, uploads)."""
+
+    def __init__(self, app, user: str, password: str):
+        super().__init__(app)
+        self.expected = f"{user}:{password}".encode()
+
+    def _ok(self, header: str | None) -> bool:
+        if not header or not header.lower().startswith("basic "):
+            return False
+        try:
+            given = base64.b64decode(header[6:].strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return secrets.compare_digest(given, self.expected)
+
+    async def dispatch(self, request, call_next):
+        if self._ok(request.headers.get("authorization")):
+            return await call_next(request)
+        return Response("authentication required", status_code=401,
+                        headers={"WWW-Authenticate": 'Basic realm="fluxlora"'})

@@ -1,0 +1,158 @@
+"""The web UI's callbacks: each turns component values into component updates using webui.views,
+webui.launch and (for generation only, imported lazily) fluxlora.compare."""
+
+from __future__ import annotations
+
+import html
+import math
+import threading
+from functools import reduce
+from pathlib import Path
+from urllib.parse import quote
+
+import gradio as gr
+
+from webui import views
+from webui.launch import Jobs, LaunchError, LaunchForm, stage
+
+FILE_ROUTE = "/runs-file"
+
+
+class Handlers:
+    """State shared by all browser sessions of one server: the runs folder, the training subprocesses it
+    started, and the one loaded base model used for generation (with its arms' adapters)."""
+
+    def __init__(self, runs: Path):
+        self.runs = Path(runs)
+        self.jobs = Jobs(self.runs)
+        self._bench = None
+        self._bench_lock = threading.Lock()
+        self.bench_loads = 0  # how many times a base model was loaded (a group switch loads a new one)
+
+    # --- run browser ---------------------------------------------------------------------------
+    def group_names(self) -> list[str]:
+        return list(views.groups_table(self.runs)["run"])
+
+    def refresh_groups(self, current: str | None):
+        names = self.group_names()
+        value = current if current in names else (names[0] if names else None)
+        return views.groups_table(self.runs), gr.update(choices=names, value=value)
+
+    def pick_row(self, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        names = self.group_names()
+        return names[row] if 0 <= row < len(names) else gr.update()
+
+    # --- step grid -----------------------------------------------------------------------------
+    def select_group(self, name: str | None):
+        """Everything that depends on the chosen group, with the slider at the latest step."""
+        group = views.open_group(self.runs, name)
+        steps = views.sample_steps(group) if group else []
+        if not steps:
+            slider = gr.update(minimum=0, maximum=1, step=1, value=0, interactive=False)
+            return slider, [], gr.update(columns=1), "no samples yet", *self.panels(name)
+        stride = reduce(math.gcd, [b - a for a, b in zip(steps, steps[1:])], 0) or 1
+        slider = gr.update(minimum=steps[0], maximum=steps[-1], step=stride, value=steps[-1], interactive=True)
+        items, cols, label = self._grid(group, steps, steps[-1])
+        return slider, items, gr.update(columns=cols), label, *self.panels(name)
+
+    def _grid(self, group, steps: list[int], wanted: float):
+        step = views.nearest_step(steps, wanted)
+        items, cols = views.step_grid(group, step)
+        arms = ", ".join(a.name for a in group.arms())
+        return items, cols, f"**step {step}** of {steps[-1]} · rows: {arms} · columns: prompt x seed"
+
+    def move_step(self, name: str | None, wanted: float):
+        group = views.open_group(self.runs, name)
+        steps = views.sample_steps(group) if group else []
+        if not steps:
+            return [], gr.update(), "no samples yet"
+        items, cols, label = self._grid(group, steps, wanted)
+        return items, gr.update(columns=cols), label
+
+    def play(self, playing: bool):
+        playing = not playing
+        return playing, gr.Timer(active=playing), gr.update(value="⏸ Pause" if playing else "▶ Play")
+
+    def tick_play(self, name: str | None, current: float):
+        """Advance the slider to the next available step, wrapping to the first after the last."""
+        group = views.open_group(self.runs, name)
+        steps = views.sample_steps(group) if group else []
+        if not steps:
+            return gr.update()
+        later = [s for s in steps if s > current]
+        return later[0] if later else steps[0]
+
+    # --- curves, facts, downloads ----------------------------------------------------------------
+    def panels(self, name: str | None):
+        group = views.open_group(self.runs, name)
+        if group is None:
+            empty = views.loss_curves_empty()
+            return empty, views.facts_empty(), "no run selected"
+        return views.loss_curves(group), views.facts_table(group), self.downloads_html(group)
+
+    def downloads_html(self, group) -> str:
+        files = views.adapter_files(group)
+        if not files:
+            return "no exported adapters yet (they are written when an arm finishes)"
+        links = []
+        for arm, path in files:
+            rel = path.resolve().relative_to(self.runs.resolve()).as_posix()
+            size = path.stat().st_size / 2**20
+            links.append(f'<li><a class="adapter-download" href="{FILE_ROUTE}/{quote(rel)}" download>'
+                         f"{html.escape(arm)} — adapter.safetensors ({size:.1f} MB)</a></li>")
+        return "<ul>" + "".join(links) + "</ul>"
+
+    # --- generate ----------------------------------------------------------------------------------
+    def bench(self, name: str):
+        """The loaded base model for group ``name`` (loaded on first use, reused after)."""
+        from fluxlora.compare import AdapterBench
+
+        group = views.open_group(self.runs, name)
+        if group is None:
+            raise gr.Error(f"no run called {name!r} in {self.runs}")
+        if self._bench is None or self._bench.group.root != group.root:
+            self._bench = None  # free the previous base before loading the next one
+            self._bench = AdapterBench(group.root)
+            self.bench_loads += 1
+        return self._bench
+
+    def generate(self, name: str | None, prompt: str, seed: float, steps: float, with_base: bool):
+        if not name:
+            raise gr.Error("pick a run first")
+        if not prompt.strip():
+            raise gr.Error("write a prompt")
+        with self._bench_lock:
+            bench = self.bench(name)
+            if not bench.arms_with_adapters():
+                raise gr.Error(f"run {name} has no exported adapters yet")
+            pairs = bench.side_by_side(prompt, int(seed), int(steps) or None, with_base)
+        return [(img, f"{label} · seed {int(seed)}") for label, img in pairs]
+
+    # --- launch --------------------------------------------------------------------------------
+    def launch(self, files, name, trigger, prompt, arms, rank, steps, resolution, model_path):
+        paths = [Path(f if isinstance(f, str) else f.name) for f in (files or [])]
+        form = LaunchForm(name=(name or "").strip(), images=paths, trigger=(trigger or "").strip(),
+                          prompt=prompt or "", arms=list(arms or []), rank=int(rank), steps=int(steps),
+                          resolution=int(resolution), model_path=(model_path or "toy").strip())
+        try:
+            config = stage(form, self.runs)
+        except LaunchError as e:
+            return None, "**not started:**\n\n" + "\n".join(f"- {p}" for p in str(e).splitlines())
+        self.jobs.start(form.name, config)
+        return form.name, f"started **{form.name}** ({', '.join(form.arms)}); config: `{config}`"
+
+    def launch_progress(self, name: str | None):
+        if not name:
+            return gr.update(), ""
+        group = views.open_group(self.runs, name)
+        state = "running" if self.jobs.running(name) else "finished"
+        if group is not None:
+            status, done, total = views.group_progress(group)
+            state = f"{state} · group status {status} · {done}/{total} steps"
+        return f"**{name}**: {state}", self.jobs.log_tail(name)
+
+    def cancel(self, name: str | None):
+        if not name:
+            return "nothing launched from this page"
+        return self.jobs.cancel(name)

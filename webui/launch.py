@@ -1,0 +1,183 @@
+"""Launching a training from the browser: check the uploads, write a dataset + config, run
+`fluxlora train` as a subprocess, follow it, cancel it (Ctrl-C semantics: a checkpoint is kept)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from fluxlora.config import ConfigError, dump_config, parse_config
+
+MIN_IMAGES, MAX_IMAGES = 3, 20
+MAX_IMAGE_BYTES = 20 * 2**20
+MAX_IMAGE_PIXELS = 40_000_000
+MIN_SIDE = 32
+UPLOAD_TYPES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+TRIGGER_RE = re.compile(r"^[A-Za-z0-9_]{2,32}$")
+UPLOADS = ".uploads"  # inside the runs folder; hidden from the browser and never served
+
+
+class LaunchError(ValueError):
+    """A launch form problem, phrased for the user."""
+
+
+def check_image(path: Path) -> str | None:
+    """A problem with one uploaded file, or None if it is a usable image."""
+    suffix = path.suffix.lower()
+    if suffix not in UPLOAD_TYPES:
+        return f"{path.name}: not a PNG/JPEG/WebP file name"
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        return f"{path.name}: {size / 2**20:.1f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB limit"
+    try:
+        with Image.open(path) as img:
+            fmt, (w, h) = img.format, img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                return f"{path.name}: {w}x{h} is over the {MAX_IMAGE_PIXELS // 10**6} MPix limit"
+            img.verify()
+    except Exception as e:  # PIL raises many types for damaged or foreign content
+        return f"{path.name}: not a readable image ({type(e).__name__})"
+    if fmt not in UPLOAD_TYPES.values():
+        return f"{path.name}: content is {fmt}, not PNG/JPEG/WebP"
+    if min(w, h) < MIN_SIDE:
+        return f"{path.name}: {w}x{h} is smaller than {MIN_SIDE} px on a side"
+    return None
+
+
+@dataclass
+class LaunchForm:
+    name: str
+    images: list[Path]
+    trigger: str
+    prompt: str = "a photo of {trigger}"
+    arms: list[str] = field(default_factory=lambda: ["lora", "pissa", "loram"])
+    rank: int = 8
+    steps: int = 400
+    resolution: int = 512
+    model_path: str = "toy"
+    lr: float = 1e-3
+
+
+def check_form(form: LaunchForm, runs: Path) -> list[str]:
+    problems = []
+    if not NAME_RE.match(form.name or ""):
+        problems.append("run name: use 1-64 letters, digits, '-' or '_' (starting with a letter or digit)")
+    elif (runs / form.name).exists():
+        problems.append(f"run name: {form.name!r} already exists in {runs} -> pick another name")
+    if not TRIGGER_RE.match(form.trigger or ""):
+        problems.append("trigger word: 2-32 letters, digits or '_' (a rare token such as 'zxq')")
+    if "{trigger}" not in form.prompt:
+        problems.append("caption: must contain {trigger} where the trigger word goes")
+    if not MIN_IMAGES <= len(form.images) <= MAX_IMAGES:
+        problems.append(f"images: upload {MIN_IMAGES}-{MAX_IMAGES} subject images (got {len(form.images)})")
+    problems += [p for p in map(check_image, form.images) if p]
+    if not form.arms:
+        problems.append("arms: pick at least one init method")
+    return problems
+
+
+def build_config(form: LaunchForm, runs: Path, dataset: Path) -> dict:
+    prompt = form.prompt.replace("{trigger}", form.trigger)
+    return {
+        "name": form.name, "output_dir": str(runs.resolve()),
+        "model": {"family": "flux", "path": form.model_path},
+        "data": {"instance_dir": str(dataset.resolve()), "instance_prompt": prompt, "resolution": form.resolution},
+        "adapter": {"init": list(form.arms), "rank": form.rank},
+        "train": {"steps": form.steps, "lr": form.lr, "checkpoint_every": max(1, form.steps // 2)},
+        "sample": {"every": max(1, form.steps // 4), "prompts": [prompt], "seeds": [0, 1]},
+    }
+
+
+def stage(form: LaunchForm, runs: Path) -> Path:
+    """Check the form, copy the images into runs/.uploads/<name>/images and write the config there.
+    Returns the config path. Raises LaunchError listing every problem; nothing is left behind then."""
+    problems = check_form(form, runs)
+    if problems:
+        raise LaunchError("\n".join(problems))
+    folder = runs / UPLOADS / form.name
+    shutil.rmtree(folder, ignore_errors=True)
+    dataset = folder / "images"
+    dataset.mkdir(parents=True)
+    try:
+        for i, src in enumerate(form.images):
+            shutil.copyfile(src, dataset / f"{i:02d}{src.suffix.lower()}")
+        cfg = parse_config(build_config(form, runs, dataset), source="web UI launch form")
+    except (ConfigError, OSError) as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise LaunchError(str(e)) from e
+    path = folder / "config.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    return path
+
+
+class Jobs:
+    """`fluxlora train` subprocesses started by this web UI, by run name."""
+
+    def __init__(self, runs: Path):
+        self.runs = Path(runs)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, config: Path) -> subprocess.Popen:
+        log = open(config.parent / "train.log", "wb")
+        cmd = [sys.executable, "-m", "fluxlora.cli", "train", str(config)]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=config.parent,
+                                start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def running(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def log_tail(self, name: str, lines: int = 12) -> str:
+        path = self.runs / UPLOADS / name / "train.log"
+        if not path.exists():
+            return ""
+        text = path.read_bytes()[-20000:].decode("utf-8", "replace").replace("\r", "\n")
+        return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
+
+    def cancel(self, name: str, grace: float = 60.0) -> str:
+        """Interrupt like Ctrl-C (the trainer saves a checkpoint and exits); kill after ``grace`` s."""
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return f"{name} is not running"
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"{name} did not stop within {grace:.0f} s and was killed; resume from its last checkpoint"
+        return f"{name} stopped (exit {proc.returncode}); continue with: fluxlora train " \
+               f"{self.runs / UPLOADS / name / 'config.yaml'} --resume"
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            if self.running(name):
+                self.cancel(name, grace=10.0)
+
+
+def wait_for_group(runs: Path, name: str, timeout: float = 30.0) -> bool:
+    """True once runs/<name>/group.json exists (the subprocess has validated and started)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (runs / name / "group.json").exists():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def read_config_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -1,0 +1,167 @@
+"""What the web UI shows, computed from run folders through fluxlora.rundir only (no torch, no gradio).
+
+Every function takes paths and returns plain data (lists, dicts, DataFrames), so the views are tested
+without a browser and the Gradio layer stays a thin wiring of components to these functions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from fluxlora.rundir import ArmDir, GroupDir, list_groups, read_json, step_name
+
+LOSS_SMOOTHING = 0.9  # exponential moving average factor of the displayed loss curve
+FACT_COLUMNS = ["arm", "method", "rank", "scale", "trainable params", "init s", "steps/s", "peak MB", "status"]
+METRIC_SKIP = {"step", "time", "loss", "lr", "grad_norm", "step_time", "sigma_sum", "noise_sum"}
+
+
+def group_progress(group: GroupDir) -> tuple[str, int, int]:
+    """(status, steps done, steps total) summed over the group's arms, read from their status.json."""
+    done = total = 0
+    states = []
+    for arm in group.arms():
+        st = arm.status()
+        states.append(st.get("status", "queued"))
+        done += int(st.get("step", 0) or 0)
+        total += int(st.get("total", 0) or 0)
+    status = group.info().get("status") or ("running" if "running" in states else "queued")
+    if "running" in states:
+        status = "running"
+    return status, done, total
+
+
+def groups_table(runs: Path) -> pd.DataFrame:
+    """One row per run group: name, arms, status, progress, created."""
+    rows = []
+    for g in reversed(list_groups(runs)):
+        info = g.info()
+        status, done, total = group_progress(g)
+        pct = f"{100 * done / total:.0f}%" if total else "-"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("created", 0)))
+        rows.append({"run": g.root.name, "arms": ", ".join(info.get("arms", [])), "status": status,
+                     "progress": f"{done}/{total} ({pct})", "created": created})
+    return pd.DataFrame(rows, columns=["run", "arms", "status", "progress", "created"])
+
+
+def open_group(runs: Path, name: str | None) -> GroupDir | None:
+    """The group called ``name`` inside ``runs``; None for anything that is not one of its groups
+    (so a crafted name like ``../x`` can never select a folder outside the runs folder)."""
+    if not name:
+        return None
+    return next((g for g in list_groups(runs) if g.root.name == name), None)
+
+
+def sample_steps(group: GroupDir) -> list[int]:
+    """Every step for which at least one arm has a complete sample folder, ascending."""
+    return sorted({s for arm in group.arms() for s in arm.sample_steps()})
+
+
+def nearest_step(steps: list[int], wanted: float) -> int | None:
+    """The latest available step at or before ``wanted`` (the first one if ``wanted`` is earlier)."""
+    if not steps:
+        return None
+    earlier = [s for s in steps if s <= wanted]
+    return earlier[-1] if earlier else steps[0]
+
+
+def step_grid(group: GroupDir, step: int) -> tuple[list[tuple[str, str]], int]:
+    """Gallery items for one step: rows = arms, columns = prompts x seeds, each (png path, label).
+
+    An arm without samples at this step shows its latest earlier samples (labelled with their step),
+    so rows stay aligned while a run is still in progress."""
+    items: list[tuple[str, str]] = []
+    columns = 1
+    for arm in group.arms():
+        shown = nearest_step([s for s in arm.sample_steps() if s <= step], step)
+        if shown is None:
+            continue
+        folder = arm.samples_dir / step_name(shown)
+        meta = read_json(folder / "meta.json", {}) or {}
+        images = meta.get("images", [])
+        columns = max(columns, len(images))
+        for img in images:
+            label = f"{arm.name} · step {shown} · seed {img['seed']} · {img['prompt']}"
+            items.append((str(folder / img["file"]), label))
+    return items, columns
+
+
+def smooth(values: list[float], factor: float = LOSS_SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard displays it)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = factor * avg + (1 - factor) * v
+        out.append(avg / (1 - factor**i))
+    return out
+
+
+def loss_curves(group: GroupDir) -> pd.DataFrame:
+    """Long table (arm, step, loss smoothed, raw) for one line per arm."""
+    frames = []
+    for arm in group.arms():
+        recs = [r for r in arm.metrics() if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+        if recs:
+            raw = [r["loss"] for r in recs]
+            frames.append(pd.DataFrame({"arm": arm.name, "step": [r["step"] for r in recs],
+                                        "loss": smooth(raw), "raw": raw}))
+    return pd.concat(frames, ignore_index=True) if frames else loss_curves_empty()
+
+
+def loss_curves_empty() -> pd.DataFrame:
+    return pd.DataFrame({"arm": [], "step": [], "loss": [], "raw": []})
+
+
+def metric_names(group: GroupDir) -> list[str]:
+    """Every numeric metric any arm logged at its evaluation steps (fidelity, drift, ...)."""
+    names: dict[str, None] = {}
+    for arm in group.arms():
+        for r in arm.metrics():
+            for k, v in r.items():
+                if k not in METRIC_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    names.setdefault(k)
+    return list(names)
+
+
+def metric_curves(group: GroupDir, name: str) -> pd.DataFrame:
+    rows = [{"arm": arm.name, "step": r["step"], name: r[name]} for arm in group.arms()
+            for r in arm.metrics() if isinstance(r.get(name), (int, float))]
+    return pd.DataFrame(rows, columns=["arm", "step", name])
+
+
+def _steps_per_second(arm: ArmDir) -> float | None:
+    times = [r["step_time"] for r in arm.metrics() if isinstance(r.get("step_time"), (int, float))]
+    return len(times) / sum(times) if times and sum(times) > 0 else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def facts_table(group: GroupDir) -> pd.DataFrame:
+    """Per arm: init method, scaling, rank, trainable params, init time, steps/s, peak memory, status."""
+    rows = []
+    for arm in group.arms():
+        init = read_json(arm.init_file, {}) or {}
+        st = arm.status()
+        summary = st.get("summary") or {}
+        rows.append({
+            "arm": arm.name, "method": init.get("method", st.get("method", arm.name)),
+            "rank": init.get("rank", "-"), "scale": _fmt(init.get("scale"), ".4g"),
+            "trainable params": _fmt(init.get("trainable_params"), ","),
+            "init s": _fmt(init.get("init_seconds"), ".3f"), "steps/s": _fmt(_steps_per_second(arm), ".2f"),
+            "peak MB": _fmt(summary.get("peak_memory_mb"), ".0f"),
+            "status": st.get("status", "queued") + (f": {st['error']}" if st.get("error") else ""),
+        })
+    return pd.DataFrame(rows, columns=FACT_COLUMNS)
+
+
+def facts_empty() -> pd.DataFrame:
+    return pd.DataFrame([], columns=FACT_COLUMNS)
+
+
+def adapter_files(group: GroupDir) -> list[tuple[str, Path]]:
+    """(arm, exported adapter file) for every arm that has one."""
+    return [(arm.name, arm.adapter_file) for arm in group.arms() if arm.adapter_file.is_file()]
