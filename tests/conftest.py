@@ -53,3 +53,18 @@ def tiny_config(tmp_path, tiny_flux, subject_dir, **sections):
         else:
             raw[key] = value
     return parse_config(raw)
+
+
+@pytest.fixture(scope="session")
+def finished_group(tmp_path_factory, tiny_flux, subject_dir):
+    """A finished 2-arm tiny run with samples at steps 0, 2, 4 (shared by the web UI tests; do not modify it)."""
+    from fluxlora.rundir import GroupDir
+    from fluxlora.runner import run
+
+    root = tmp_path_factory.mktemp("webui")
+    cfg = tiny_config(root, tiny_flux, subject_dir, adapter={"init": ["lora", "loram"], "rank": 4},
+                      train={"steps": 4, "lr": 1.0e-2}, sample={"every": 2, "steps": 2, "seeds": [0, 1],
+                                                                "prompts": ["a zxq emblem on a red background, center"]})
+    results = run(cfg, warn=lambda m: None)
+    assert all("error" not in r for r in results), results
+    return root / "runs", GroupDir(root / "runs" / "tiny")

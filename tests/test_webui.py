@@ -11,24 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
 from fluxlora.rundir import GroupDir
 
 pytest.importorskip("gradio")
-
-
-@pytest.fixture(scope="module")
-def finished_group(tmp_path_factory, tiny_flux, subject_dir):
-    """A finished 2-arm tiny run with samples at steps 0, 2, 4 (shared by the web UI tests)."""
-    from fluxlora.runner import run
-
-    root = tmp_path_factory.mktemp("webui")
-    cfg = tiny_config(root, tiny_flux, subject_dir, adapter={"init": ["lora", "loram"], "rank": 4},
-                      train={"steps": 4, "lr": 1.0e-2}, sample={"every": 2, "steps": 2, "seeds": [0, 1],
-                                                                "prompts": ["a zxq emblem on a red background, center"]})
-    results = run(cfg, warn=lambda m: None)
-    assert all("error" not in r for r in results), results
-    return root / "runs", GroupDir(root / "runs" / "tiny")
 
 
 def test_webui_views_import_no_torch():
@@ -69,16 +54,23 @@ def test_smoothing_is_a_bias_corrected_moving_average():
     assert out == pytest.approx([0.0, 0.5 * 1.0 / 0.75])
 
 
-def test_file_guard_serves_only_files_inside_the_runs_folder(finished_group, tmp_path):
+def test_file_guard_serves_only_files_inside_the_runs_folder(tmp_path):
     from webui.files import resolve_inside
 
-    runs, group = finished_group
-    assert resolve_inside(runs, "tiny/lora/adapter.safetensors") == (group.root / "lora" / "adapter.safetensors").resolve()
-    outside = runs.parent / "secret.png"
+    runs = tmp_path / "runs"
+    (runs / "tiny" / "lora" / "checkpoints").mkdir(parents=True)
+    adapter = runs / "tiny" / "lora" / "adapter.safetensors"
+    adapter.write_bytes(b"x")
+    (runs / "tiny" / ".lock").write_text("1")
+    (runs / "tiny" / "config.py").write_text("")
+    outside = tmp_path / "secret.png"
     outside.write_bytes(b"x")
     (runs / "tiny" / "link.png").symlink_to(outside)
-    for bad in ("../secret.png", "tiny/../../secret.png", str(outside), "tiny/link.png", "tiny/lora",
-                "tiny/.lock", "tiny/lora/checkpoints/missing.png", "tiny/config.py", "a\x00b.png"):
+    loop = runs / "tiny" / "loop.png"
+    loop.symlink_to(loop)
+    assert resolve_inside(runs, "tiny/lora/adapter.safetensors") == adapter.resolve()
+    for bad in ("../secret.png", "tiny/../../secret.png", str(outside), "tiny/link.png", "tiny/loop.png",
+                "tiny/lora", "tiny/.lock", "tiny/lora/checkpoints/missing.png", "tiny/config.py", "a\x00b.png", ""):
         assert resolve_inside(runs, bad) is None, bad
 
 

@@ -37,7 +37,8 @@ def group_progress(group: GroupDir) -> tuple[str, int, int]:
 def groups_table(runs: Path) -> pd.DataFrame:
     """One row per run group: name, arms, status, progress, created."""
     rows = []
-    for g in reversed(list_groups(runs)):
+    newest_first = sorted(list_groups(runs), key=lambda g: g.info().get("created", 0), reverse=True)
+    for g in newest_first:
         info = g.info()
         status, done, total = group_progress(g)
         pct = f"{100 * done / total:.0f}%" if total else "-"

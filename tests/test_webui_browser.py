@@ -1,0 +1,168 @@
+"""The real web UI in headless Chromium (Playwright driving Debian's chromium; no browser download).
+
+Screenshots are written to test-artifacts/webui/ (override with FLUXLORA_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the [dev] extras")
+
+ARTIFACTS = Path(os.environ.get("FLUXLORA_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts")) / "webui"
+
+
+def _chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing and allowed (root, apt present)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and cannot be installed here (needs root + apt-get): "
+                    "apt-get install -y chromium")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.skip(f"could not install chromium ({' '.join(cmd)}): {done.stderr[-300:]}")
+    return shutil.which("chromium") or pytest.skip("apt-get installed chromium but it is not on PATH")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(finished_group, tmp_path_factory):
+    """The app (file route + Gradio) served by uvicorn in a thread over a copy of the finished group."""
+    import uvicorn
+
+    from webui.app import create_app
+
+    runs = tmp_path_factory.mktemp("ui") / "runs"
+    shutil.copytree(finished_group[0], runs)
+    app, handlers = create_app(runs)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert srv.started, "web UI did not start"
+    yield f"http://127.0.0.1:{port}", runs, handlers
+    handlers.jobs.stop_all()
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    exe = _chromium()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+        pg.set_default_timeout(60_000)
+        pg.goto(server[0] + "/")
+        pg.wait_for_selector("#step-grid img")
+        yield pg
+        browser.close()
+
+
+def _grid_sources(pg) -> list[str]:
+    return pg.locator("#step-grid img").evaluate_all("els => els.map(e => e.getAttribute('src'))")
+
+
+def test_step_slider_moves_every_row(page):
+    pg = page
+    assert "step 4" in pg.locator("#grid-caption").inner_text()
+    before = _grid_sources(pg)
+    assert len(before) == 4  # 2 arms x (1 prompt x 2 seeds)
+    pg.screenshot(path=str(ARTIFACTS / "steps-4.png"), full_page=True)
+    box = pg.locator("#step-slider input[type=number]")
+    box.fill("2")
+    box.press("Enter")
+    pg.wait_for_function("() => document.querySelector('#grid-caption').innerText.includes('step 2')")
+    pg.wait_for_function("(old) => { const now = [...document.querySelectorAll('#step-grid img')]"
+                         ".map(e => e.getAttribute('src')); return now.length === 4 && now.every((s, i) => s !== old[i]); }",
+                         arg=before)
+    labels = pg.locator("#step-grid").inner_text()
+    assert "lora · step 2" in labels and "loram · step 2" in labels
+    pg.screenshot(path=str(ARTIFACTS / "steps-2.png"), full_page=True)
+
+
+def test_facts_and_downloads(page, server):
+    pg, (url, runs, _) = page, server
+    pg.get_by_role("tab", name="Facts").click()
+    facts = pg.locator("#facts-table").inner_text()
+    assert "loram" in facts and "lora" in facts
+    pg.get_by_role("tab", name="Download").click()
+    link = pg.locator("a.adapter-download").first
+    href = link.get_attribute("href")
+    response = pg.request.get(url + href)
+    assert response.ok
+    assert response.body() == (runs / "tiny" / "lora" / "adapter.safetensors").read_bytes()
+
+
+def test_generate_gives_one_image_per_arm_and_the_base(page):
+    pg = page
+    pg.get_by_role("tab", name="Generate").click()
+    pg.locator("#gen-prompt textarea").fill("a zxq emblem on a blue background, top left")
+    pg.locator("#gen-btn").click()
+    pg.wait_for_function("() => document.querySelectorAll('#generate-out img').length === 3", timeout=180_000)
+    labels = pg.locator("#generate-out").inner_text()
+    for name in ("base", "lora", "loram"):
+        assert f"{name} · seed 0" in labels
+    pg.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
+
+
+@pytest.mark.parametrize("path", ["/runs-file/../README.md", "/runs-file/tiny/../../secret.txt",
+                                  "/runs-file/%2e%2e/%2e%2e/etc/passwd", "/runs-file//etc/passwd",
+                                  "/gradio_api/file=/etc/passwd", "/gradio_api/file=../../etc/passwd"])
+def test_paths_outside_the_runs_folder_are_refused(page, server, path):
+    (server[1].parent / "secret.txt").write_text("secret")
+    response = page.request.get(server[0] + path, max_redirects=0)
+    assert response.status in (403, 404), (path, response.status)
+    assert b"secret" not in response.body() and b"root:" not in response.body()
+
+
+def _field(pg, elem_id: str):
+    """The text entry of a Gradio component (a textarea for textboxes, an input otherwise)."""
+    return pg.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox])").first
+
+
+def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux):
+    pg, (url, runs, handlers) = page, server
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"s{i}.png")
+        Image.new("RGB", (64, 64), (200, 60 * i, 30)).save(files[-1])
+    pg.get_by_role("tab", name="Launch").click()
+    pg.locator("#launch-files input[type=file]").set_input_files([str(f) for f in files])
+    pg.wait_for_function("() => document.querySelector('#launch-files').innerText.includes('s2')")
+    _field(pg, "launch-name").fill("from_browser")
+    _field(pg, "launch-model").fill(str(tiny_flux))
+    _field(pg, "launch-steps").fill("2")
+    for arm in ("pissa", "loram"):
+        pg.locator("#launch-arms").get_by_label(arm, exact=True).uncheck()
+    _field(pg, "launch-res").fill("64")
+    _field(pg, "launch-res").press("Enter")
+    pg.locator("#launch-btn").click()
+    pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('started')")
+    pg.wait_for_function("() => document.querySelector('#groups-table').innerText.includes('from_browser')",
+                         timeout=240_000)
+    pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('finished')",
+                         timeout=300_000)
+    pg.screenshot(path=str(ARTIFACTS / "launch.png"), full_page=True)
+    assert (runs / "from_browser" / "lora" / "adapter.safetensors").is_file(), handlers.jobs.log_tail("from_browser")
