@@ -36,6 +36,7 @@ class AdapterInfo:
     init_seconds: float = 0.0
     trainable_params: int = 0
     layers: dict[str, dict] = field(default_factory=dict)  # per-layer init statistics
+    init_from: str | None = None  # the LoRA file the arm started from (adapter.init_from)
 
 
 def scale_for(rank: int, alpha: float, scaling: str, coefficient: float) -> float:
@@ -75,7 +76,7 @@ def float_weight(layer: nn.Module) -> torch.Tensor:
     return w.detach().float()
 
 
-def _lora_config(rank: int, scale: float, targets: list[str], dropout: float):
+def lora_config(rank: int, scale: float, targets: list[str], dropout: float):
     from peft import LoraConfig
 
     # peft's scaling is lora_alpha / r; express every rule through lora_alpha = s * r.
@@ -91,11 +92,11 @@ def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list
     if method not in inits.INITS:
         raise AdapterError(f"unknown adapter.init {method!r}; valid: {', '.join(sorted(inits.INITS))}")
     has_offset = method not in inits.ZERO_PRODUCT
-    model.add_adapter(_lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
+    model.add_adapter(lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
     if has_offset:
         with warnings.catch_warnings():  # a second adapter on purpose: peft warns about exactly that
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            model.add_adapter(_lora_config(rank, scale, targets, 0.0), adapter_name=OFFSET)
+            model.add_adapter(lora_config(rank, scale, targets, 0.0), adapter_name=OFFSET)
     model.set_adapters([SUBJECT, OFFSET] if has_offset else [SUBJECT])
     info = AdapterInfo(method, rank, scale, targets, has_offset)
     if not skip_init:
@@ -170,9 +171,9 @@ def remove(model: nn.Module, info: AdapterInfo) -> None:
 
 
 @torch.no_grad()
-def export_delta(model: nn.Module, info: AdapterInfo, dtype=torch.float32):
-    """-> (state dict with diffusers/peft keys '<layer>.lora_A.weight', LoraConfig) of the exact delta
-    s (B A - B0 A0) against the pristine base; rank 2r when there is an offset."""
+def export_factors(model: nn.Module, info: AdapterInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A', B')} in fp32 on the CPU with the exact delta s B' A' = s (B A - B0 A0) against the
+    pristine base: A' = [A; A0], B' = [B, -B0] (rank 2r) when there is an offset."""
     out = {}
     for name in info.targets:
         layer = model.get_submodule(name)
@@ -180,7 +181,39 @@ def export_delta(model: nn.Module, info: AdapterInfo, dtype=torch.float32):
         if info.has_offset:
             a = torch.cat([a, layer.lora_A[OFFSET].weight.float()], dim=0)
             b = torch.cat([b, layer.lora_B[OFFSET].weight.float()], dim=1)
-        out[f"{name}.lora_A.weight"] = a.to(dtype).cpu().contiguous()
-        out[f"{name}.lora_B.weight"] = b.to(dtype).cpu().contiguous()
-    rank = info.rank * (2 if info.has_offset else 1)
-    return out, _lora_config(rank, info.scale, info.targets, 0.0)
+        out[name] = (a.cpu().contiguous(), b.cpu().contiguous())
+    return out
+
+
+def linear_out_features(model: nn.Module) -> dict[str, int]:
+    """Output size of every Linear module of the base (adapter wrappers seen through)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and ".lora_" not in name and ".base_layer" not in name:
+            out[name] = m.out_features
+        elif hasattr(m, "get_base_layer") and isinstance(m.get_base_layer(), nn.Linear):
+            out[name] = m.get_base_layer().out_features
+    return out
+
+
+@torch.no_grad()
+def load_factors(model: nn.Module, info: AdapterInfo, layers: dict, offset: bool) -> None:
+    """Start the arm from given factors (adapter.init_from): layers[name] = (A, B, s_file) with delta
+    s_file B A. The file's scale goes into B (exact), so the arm trains at its own scale. With
+    ``offset`` the second half of each rank is the frozen init term; an arm with an offset adapter
+    and a file without one gets a zero init term."""
+    for name in info.targets:
+        a, b, s_file = layers[name]
+        b = b * (s_file / info.scale)
+        r = a.shape[0] // 2 if offset else a.shape[0]
+        layer = model.get_submodule(name)
+        parts = [(SUBJECT, a[:r], b[:, :r])]
+        if info.has_offset:
+            parts.append((OFFSET, a[r:], b[:, r:]) if offset else
+                         (OFFSET, torch.zeros_like(a), torch.zeros_like(b)))
+        for adapter, fa, fb in parts:
+            wa, wb = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            if wa.shape != fa.shape or wb.shape != fb.shape:
+                raise AdapterError(f"{name}: file factors {tuple(fa.shape)}/{tuple(fb.shape)} do not fit the "
+                                   f"adapter's {tuple(wa.shape)}/{tuple(wb.shape)}")
+            wa.copy_(fa.to(wa)), wb.copy_(fb.to(wb))

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="re-export the adapters of a run from its latest checkpoints")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--arm", action="append", help="only this arm (repeatable; default all)")
+    e.add_argument("--format", action="append", metavar="diffusers|comfyui",
+                   help="file format (repeatable or comma list; default: the config's export.formats)")
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="tensor dtype of the files (default: the config's export.dtype)")
+    e.add_argument("--rank", type=int, default=None, metavar="R", help="re-factorize every layer's delta to "
+                   "rank R (truncated SVD) for a smaller file *-rR.safetensors; prints the error it introduces")
     s = sub.add_parser("sample", help="generate images with a trained adapter through diffusers")
     s.add_argument("run_dir", help="runs/<name>")
     s.add_argument("--prompt", required=True)
@@ -98,7 +104,8 @@ def dispatch(args) -> int:
     if args.command == "train":
         return commands.train(args.config, args.overrides, args.resume)
     if args.command == "export":
-        return commands.export(Path(args.run_dir), args.arm)
+        return commands.export(Path(args.run_dir), args.arm, commands.parse_formats(args.format), args.dtype,
+                               args.rank)
     if args.command == "sample":
         return commands.sample(Path(args.run_dir), args.prompt, args.seed, args.steps, args.arm, args.out)
     if args.command == "info":

@@ -28,20 +28,38 @@ def _open_run(run_dir: Path):
     return group, load_config(group.config_file)
 
 
-def export(run_dir: Path, arms: list[str] | None) -> int:
-    """Rebuild each arm from its latest checkpoint on the pristine base and write adapter.safetensors."""
+def parse_formats(values: list[str] | None) -> list[str] | None:
+    """--format diffusers --format comfyui, or --format diffusers,comfyui; None: the config's."""
+    from fluxlora.export import FORMATS
+    from fluxlora.runner import RunError
+
+    if not values:
+        return None
+    formats = [f.strip() for v in values for f in v.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise RunError(f"unknown export format {bad[0] if bad else values!r} -> fix: use {' or '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = None, dtype: str | None = None,
+           rank: int | None = None) -> int:
+    """Rebuild each arm from its latest checkpoint on the pristine base and write its adapter files
+    (the config's export.formats / export.dtype unless given; ``rank``: a smaller SVD re-factorization)."""
     from safetensors.torch import load_file
 
     from fluxlora import adapters, checkpoint
     from fluxlora import export as exporter
+    from fluxlora.config import arm_config
     from fluxlora.families import FAMILIES
     from fluxlora.runner import RunError
 
     group, cfg = _open_run(run_dir)
+    unknown = [a for a in arms or [] if a not in cfg.adapter.arms]
+    if unknown:
+        raise RunError(f"{run_dir} has no arm {unknown[0]!r} -> fix: choose from {', '.join(cfg.adapter.arms)}")
     family = FAMILIES[cfg.model.family]
     pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
-    from fluxlora.config import arm_config
-
     model = pipe.transformer
     for name in arms or cfg.adapter.arms:
         arm, a = group.arm(name), arm_config(cfg, name).adapter
@@ -51,11 +69,19 @@ def export(run_dir: Path, arms: list[str] | None) -> int:
         scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
         targets = adapters.find_targets(model, a.target_modules or family.TARGET_PRESETS[a.targets])
         info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True)
-        adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
-        step = int(ckpt.name.split("-")[1])
-        path = exporter.export_arm(model, info, arm, arm_config(cfg, name), name, step)
-        adapters.remove(model, info)
-        print(f"{name}: {path} (from {ckpt.name})")
+        try:
+            adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
+            step = int(ckpt.name.split("-")[1])
+            paths, refactored = exporter.export_arm(model, info, arm, arm_config(cfg, name), name, step,
+                                                    formats=formats, dtype=dtype, rank=rank)
+        finally:
+            adapters.remove(model, info)
+        for path in paths:
+            print(f"{name}: {path} (from {ckpt.name})")
+        if refactored is not None:
+            layer, worst = refactored.worst
+            print(f"{name}: rank {refactored.rank} relative error ||dW - dW_R||_F / ||dW||_F: overall "
+                  f"{refactored.overall:.3e}, max over layers {worst:.3e} ({layer})")
     return 0
 
 
@@ -87,8 +113,12 @@ def info(path: Path) -> int:
     except Exception as e:  # safetensors raises its own error types for non-safetensors files
         raise RunError(f"{path} is not a readable safetensors file ({e})") from e
     config = meta.pop("lora_config", {})
+    targets = meta.pop("targets", None)
     for key in sorted(meta):
         print(f"{key:>14}: {meta[key]}")
+    if targets is not None:
+        inner = sorted({t.split(".", 2)[-1] if "blocks." in t else t for t in targets})
+        print(f"{'targets':>14}: {len(targets)} modules ({', '.join(inner)})")
     short = {k.removeprefix("transformer."): v for k, v in config.items()}
     print(f"{'lora_config':>14}: " + json.dumps({k: short[k] for k in ("r", "lora_alpha", "use_rslora",
                                                                         "init_lora_weights") if k in short}))

@@ -55,6 +55,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     instance_dir: str = Field(description="folder of subject images (+ optional same-name .txt captions)")
     instance_prompt: str | None = Field(None, description="caption for images without a .txt")
+    trigger: str | None = Field(None, description="the word that names the subject in the captions; written "
+                                "into exported files (None: the instance_prompt)")
     resolution: int = Field(512, ge=16, le=4096, multiple_of=16, description="training side in px")
     center_crop: bool = Field(True, description="centre crop (else random crop)")
     random_flip: bool = Field(False, description="also train on mirrored images")
@@ -93,6 +95,8 @@ class AdapterConfig(Section):
     alpha_coefficient: Float = Field(16.0, gt=0, description="C of the lora_alpha rule: s = C/sqrt(r)")
     lr_ratio_b: Float = Field(1.0, gt=0, description="LoRA+ ratio of B's learning rate")
     pissa_niter: int = Field(4, ge=0, description="subspace iterations of pissa_fast")
+    init_from: str | None = Field(None, description="continue from this LoRA .safetensors (ours, diffusers or "
+                                  "kohya/ComfyUI keys); its rank and modules must match the arm's")
     overrides: dict[str, ArmOverride] = Field(default_factory=dict,
                                               description="per-arm rank/alpha/scaling/lr, keyed by method")
 
@@ -174,7 +178,11 @@ class SampleConfig(Section):
 
 
 class ExportConfig(Section):
-    formats: list[Literal["diffusers"]] = Field(default_factory=lambda: ["diffusers"], min_length=1)
+    # The web UI and `fluxlora sample` read the diffusers file (adapter.safetensors).
+    formats: list[Literal["diffusers", "comfyui"]] = Field(
+        default_factory=lambda: ["diffusers", "comfyui"], min_length=1,
+        description="files written after training: diffusers (adapter.safetensors), comfyui "
+                    "(adapter_comfyui.safetensors, kohya keys)")
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 

@@ -1,23 +1,135 @@
-"""Portable adapter files: diffusers/peft keys written by diffusers' own writer, LoRA config in the
-metadata (so ``load_lora_weights`` restores alpha), plus fluxlora's own metadata. Written atomically."""
+"""Portable adapter files, written atomically, each with fluxlora's metadata record:
+
+- ``diffusers`` (adapter.safetensors): diffusers/peft keys written by diffusers' own writer, LoRA config
+  in the metadata (so ``load_lora_weights`` restores alpha);
+- ``comfyui`` (adapter_comfyui.safetensors): kohya keys on the BFL modules, fused layers built exactly,
+  an ``.alpha`` tensor beside every adapter (kohya.py).
+
+Optionally at a lower rank: the truncated SVD of every layer's delta, with the error it introduces."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fluxlora import adapters
+from fluxlora import adapters, kohya
 from fluxlora.config import config_hash
 from fluxlora.rundir import ArmDir
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = ("diffusers", "comfyui")
+FILE_NAMES = {"diffusers": "adapter.safetensors", "comfyui": "adapter_comfyui.safetensors"}
 META_KEY = "fluxlora"
+HASHED = "transformer/*.safetensors"  # what base_model_hash covers (the module the LoRA applies to)
+
+
+@dataclass
+class Refactored:
+    """Factors re-cut to a lower rank and the relative Frobenius error ||dW - dW_R|| / ||dW||."""
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    errors: dict[str, float] = field(default_factory=dict)
+    overall: float = 0.0
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        return max(self.errors.items(), key=lambda kv: kv[1])
+
+
+def export_path(arm: ArmDir, fmt: str, rank: int | None = None) -> Path:
+    name = FILE_NAMES[fmt]
+    return arm.root / (name.replace(".safetensors", f"-r{rank}.safetensors") if rank else name)
+
+
+@torch.no_grad()
+def refactor(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> Refactored:
+    """Best rank-``rank`` factors of each delta B A (Eckart-Young), in fp32. The SVD runs on the small
+    k x k core: B = Qb Rb, A^T = Qa Ra, so B A = Qb (Rb Ra^T) Qa^T and the core's singular values are
+    those of B A; a 3072 x 12288 layer costs no large SVD."""
+    out, errors, tail_sum, total_sum = {}, {}, 0.0, 0.0
+    for name, (a, b) in layers.items():
+        qb, rb = torch.linalg.qr(b.double())
+        qa, ra = torch.linalg.qr(a.double().T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        k = min(rank, s.numel())
+        root = s[:k].sqrt()
+        out[name] = ((root[:, None] * (vh[:k] @ qa.T)).float(), ((qb @ u[:, :k]) * root).float())
+        tail, total = float(s[k:].pow(2).sum()), float(s.pow(2).sum())
+        errors[name] = math.sqrt(tail / total) if total > 0 else 0.0
+        tail_sum, total_sum = tail_sum + tail, total_sum + total
+    return Refactored(out, rank, errors, math.sqrt(tail_sum / total_sum) if total_sum > 0 else 0.0)
+
+
+# ----- base model identity ----------------------------------------------------------------------------
+
+def _hash_cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fluxlora" / "model_hashes.json"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_model_hash(path: str) -> str | None:
+    """sha256 over the lines '<file name> <sha256>' of the local pipeline's transformer/*.safetensors
+    (sorted); None for a hub id. File hashes are cached by (path, size, mtime) in
+    $XDG_CACHE_HOME/fluxlora/model_hashes.json: a 24 GB FLUX transformer is read once, not per export."""
+    from fluxlora.families.flux import ModelLoadError, resolve_path
+
+    try:
+        local = Path(resolve_path(path))
+    except ModelLoadError:
+        return None
+    files = sorted((local / "transformer").glob("*.safetensors")) if local.is_dir() else []
+    if not files:
+        return None
+    cache_file = _hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    lines = []
+    for f in files:
+        st, key = f.stat(), str(f.resolve())
+        entry = cache.get(key, {})
+        if entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+            entry = cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_file(f)}
+        lines.append(f"{f.name} {entry['sha256']}")
+    cache = {k: v for k, v in cache.items() if Path(k).exists()}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
+    except OSError:
+        pass  # an unwritable cache only costs the next export the hashing time
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+# ----- writers ------------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".export-", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_diffusers(path: Path, state: dict, lora_config, meta: dict) -> None:
@@ -38,17 +150,70 @@ def write_diffusers(path: Path, state: dict, lora_config, meta: dict) -> None:
         os.replace(final_tmp, path)
 
 
-def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, cfg, method: str, steps: int) -> Path:
-    """adapter.safetensors of the exact delta against the pristine base (rank 2r with an offset)."""
-    state, lora_config = adapters.export_delta(model, info, EXPORT_DTYPES[cfg.export.dtype])
-    meta = {
-        "base_model": cfg.model.path, "family": cfg.model.family, "method": method,
-        "rank": info.rank, "export_rank": lora_config.r, "scale": info.scale,
-        "alpha": lora_config.lora_alpha, "trigger": cfg.data.instance_prompt, "steps": steps,
-        "config_hash": config_hash(cfg),
+def write_comfyui(path: Path, state: dict, meta: dict) -> None:
+    """kohya keys only, no diffusers LoRA config: diffusers' kohya reader must take alpha from the
+    tensors (a LoRA config in the metadata would scale the already-scaled weights again)."""
+    metadata = {META_KEY: json.dumps(meta, sort_keys=True), "format": "pt"}
+    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def write(path: Path, fmt: str, layers, scale: float, dtype: str, meta: dict, out_features: dict) -> None:
+    rank = next(iter(layers.values()))[0].shape[0]
+    meta = {**meta, "format": fmt, "dtype": dtype, "export_rank": rank, "alpha": rank * scale}
+    cast = {name: (a.to(EXPORT_DTYPES[dtype]), b.to(EXPORT_DTYPES[dtype])) for name, (a, b) in layers.items()}
+    if fmt == "diffusers":
+        state = {}
+        for name, (a, b) in cast.items():
+            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+        write_diffusers(path, state, adapters.lora_config(rank, scale, list(layers), 0.0), meta)
+    else:
+        write_comfyui(path, kohya.to_kohya(cast, scale, out_features), meta)
+
+
+def metadata(cfg, info: adapters.AdapterInfo, method: str, steps: int) -> dict:
+    """What an exported file says about itself (`fluxlora info FILE` prints it)."""
+    return {
+        "base_model": cfg.model.path, "base_model_revision": cfg.model.revision,
+        "base_model_hash": base_model_hash(cfg.model.path), "base_model_hash_of": HASHED,
+        "family": cfg.model.family, "method": method, "rank": info.rank, "scale": info.scale,
+        "offset": info.has_offset, "trigger": cfg.data.trigger or cfg.data.instance_prompt, "steps": steps,
+        "config_hash": config_hash(cfg), "targets": info.targets,
     }
-    write_diffusers(arm.adapter_file, state, lora_config, meta)
-    return arm.adapter_file
+
+
+def check_formats(formats: list[str], targets: list[str]) -> None:
+    """Refuse before training what the comfyui format cannot hold."""
+    bad = kohya.unmappable(targets) if "comfyui" in formats else []
+    if bad:
+        raise adapters.AdapterError(f"adapter targets {bad[:4]} have no kohya/BFL counterpart, so the comfyui "
+                                    "export cannot hold them -> fix: remove them from adapter.target_modules "
+                                    "or set export.formats=[diffusers]")
+
+
+def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, cfg, method: str, steps: int, *,
+               formats: list[str] | None = None, dtype: str | None = None,
+               rank: int | None = None) -> tuple[list[Path], Refactored | None]:
+    """The arm's files of the exact delta against the pristine base (rank 2r with an offset), or its
+    best rank-``rank`` approximation (files named ...-r<rank>.safetensors)."""
+    formats, dtype = formats or cfg.export.formats, dtype or cfg.export.dtype
+    check_formats(formats, info.targets)
+    layers, meta, refactored = adapters.export_factors(model, info), metadata(cfg, info, method, steps), None
+    if rank is not None:
+        current = next(iter(layers.values()))[0].shape[0]
+        if not 1 <= rank < current:
+            raise adapters.AdapterError(f"--rank {rank} is not between 1 and the exported rank {current} of arm {method}: "
+                                        "nothing to shrink -> fix: choose a rank from 1 to {current - 1}")
+        refactored = refactor(layers, rank)
+        layers = refactored.layers
+        meta.update(offset=False, refactored_from=current, refactor_error=refactored.overall,
+                    refactor_error_max=refactored.worst[1])
+    out_features = adapters.linear_out_features(model)
+    paths = []
+    for fmt in formats:
+        path = export_path(arm, fmt, rank)
+        write(path, fmt, layers, info.scale, dtype, meta, out_features)
+        paths.append(path)
+    return paths, refactored
 
 
 def read_metadata(path: Path) -> dict:

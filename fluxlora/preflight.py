@@ -52,8 +52,16 @@ def _output_problems(cfg: RunConfig) -> list[Problem]:
     return []
 
 
+def _init_from_problems(cfg: RunConfig) -> list[Problem]:
+    # Rank and modules are checked against the loaded model (train.check_arm); a wrong path costs nothing.
+    path = cfg.adapter.init_from
+    if path is None or Path(path).is_file():
+        return []
+    return [Problem("adapter.init_from", repr(path), "file does not exist", "give the path of a LoRA .safetensors")]
+
+
 def check(cfg: RunConfig, source: str = "<config>") -> None:
-    """Raise one ConfigError listing every data, model-path and output-folder problem."""
-    problems = _data_problems(cfg) + _model_problems(cfg) + _output_problems(cfg)
+    """Raise one ConfigError listing every data, model-path, output-folder and init_from problem."""
+    problems = _data_problems(cfg) + _model_problems(cfg) + _output_problems(cfg) + _init_from_problems(cfg)
     if problems:
         raise ConfigError(source, problems)

@@ -10,7 +10,7 @@ from fluxlora import adapters, checkpoint, preflight
 from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
-from fluxlora.train import TrainingStopped, train_arm
+from fluxlora.train import TrainingStopped, check_arm, train_arm
 
 
 class RunError(Exception):
@@ -94,6 +94,8 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn) -> list[dict]:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     prep = prepare(cfg, accelerator.device, warn=warn)
     prep.autocast = accelerator.autocast
+    for method in cfg.adapter.arms:  # a file or target problem stops the run before any arm trains
+        check_arm(prep, arm_config(cfg, method), method)
     results = []
     for method in cfg.adapter.arms:
         arm = group.arm(method)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, checkpoint, export, sampling
+from fluxlora import adapters, checkpoint, export, inits, lorafile, sampling
 from fluxlora.prepare import Prepared
 from fluxlora.rundir import ArmDir, write_json
 
@@ -141,10 +141,13 @@ def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
     if prep.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(prep.device)
     scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
-    targets = adapters.find_targets(model, a.target_modules or prep.family.TARGET_PRESETS[a.targets])
+    targets, start_file = check_arm(prep, cfg, method)
     resume_from = checkpoint.find(arm, t.resume)
     info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed,
-                           niter=a.pissa_niter, skip_init=resume_from is not None)
+                           niter=a.pissa_niter, skip_init=resume_from is not None or start_file is not None)
+    if start_file is not None and resume_from is None:
+        adapters.load_factors(model, info, start_file.layers, start_file.offset)
+        info.init_from = str(start_file.path)
     try:
         if t.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -153,6 +156,20 @@ def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
         adapters.remove(model, info)
         if t.gradient_checkpointing:
             model.disable_gradient_checkpointing()
+
+
+def check_arm(prep: Prepared, cfg, method: str):
+    """-> (target module names, the adapter.init_from file or None), refusing what cannot work before any
+    training: a file that does not fit the arm, or targets the configured export formats cannot hold."""
+    a, model = cfg.adapter, prep.pipe.transformer
+    targets = adapters.find_targets(model, a.target_modules or prep.family.TARGET_PRESETS[a.targets])
+    export.check_formats(cfg.export.formats, targets)
+    if a.init_from is None:
+        return targets, None
+    out_features = adapters.linear_out_features(model)
+    start_file = lorafile.read(a.init_from, out_features)
+    lorafile.check(start_file, a.rank, targets, method not in inits.ZERO_PRODUCT, method, list(out_features))
+    return targets, start_file
 
 
 def _start(prep, cfg, arm, info, resume_from, log):
@@ -279,5 +296,5 @@ def nonfinite_message(step: int, bad: int) -> str:
 
 def init_record(info: adapters.AdapterInfo) -> dict:
     return {"method": info.method, "rank": info.rank, "scale": info.scale, "init_seconds": info.init_seconds,
-            "trainable_params": info.trainable_params, "has_offset": info.has_offset,
+            "trainable_params": info.trainable_params, "has_offset": info.has_offset, "init_from": info.init_from,
             "layers": info.layers}

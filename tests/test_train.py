@@ -34,7 +34,7 @@ def test_smoke_run_writes_exact_file_set(tmp_path, tiny_flux, subject_dir):
     root = tmp_path / "runs" / "tiny"
     assert files_under(root) == [
         "config.yaml", "group.json",
-        "lora/adapter.safetensors",
+        "lora/adapter.safetensors", "lora/adapter_comfyui.safetensors",
         "lora/checkpoints/step-000002/adapter.safetensors",
         "lora/checkpoints/step-000002/state.json",
         "lora/checkpoints/step-000002/trainer.pt",
