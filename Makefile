@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test webui install clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 
 demo: install
 	$(VENV)/bin/fluxlora train train_configs/toy_subject.yaml
+
+webui: install
+	$(VENV)/bin/fluxlora webui --runs runs
 
 test: install
 	$(PY) -m pytest -q

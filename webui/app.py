@@ -19,6 +19,7 @@ from webui.handlers import FILE_ROUTE, Handlers
 from webui.launch import MAX_IMAGE_BYTES, MAX_IMAGES, MIN_IMAGES, UPLOADS
 
 CSS = """
+#step-grid, #generate-out { max-width: 880px; }
 #step-grid .thumbnail-item img, #step-grid img { image-rendering: pixelated; }
 #generate-out img { image-rendering: pixelated; }
 """
