@@ -154,3 +154,19 @@ def test_generate_uses_one_base_and_reproduces_the_trained_samples(finished_grou
         assert np.abs(np.asarray(img).astype(int) - want).max() <= 1, label
     h.generate("tiny", "a zxq emblem on a blue background, center", 2, 0, False)
     assert h.bench_loads == 1
+
+
+def test_auth_guards_pages_api_and_files(finished_group):
+    from fastapi.testclient import TestClient
+
+    from webui.app import create_app
+
+    runs, _ = finished_group
+    app, _ = create_app(runs, auth="me:secret")
+    client = TestClient(app)
+    for path in ("/", "/runs-file/tiny/lora/adapter.safetensors", "/gradio_api/info"):
+        refused = client.get(path)
+        assert refused.status_code == 401 and "Basic" in refused.headers["www-authenticate"], path
+        assert client.get(path, auth=("me", "wrong")).status_code == 401
+    assert client.get("/runs-file/tiny/lora/adapter.safetensors", auth=("me", "secret")).status_code == 200
+    assert client.get("/", auth=("me", "secret")).status_code == 200

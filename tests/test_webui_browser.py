@@ -100,6 +100,10 @@ def test_step_slider_moves_every_row(page):
     labels = pg.locator("#step-grid").inner_text()
     assert "lora · step 2" in labels and "loram · step 2" in labels
     pg.screenshot(path=str(ARTIFACTS / "steps-2.png"), full_page=True)
+    pg.locator("#play-btn").click()  # plays 2 -> 4 -> 0 (wraps), one step per second
+    pg.wait_for_function("() => document.querySelector('#grid-caption').innerText.includes('step 0')")
+    pg.locator("#play-btn").click()
+    pg.wait_for_function("() => document.querySelector('#play-btn').innerText.includes('Play')")
 
 
 def test_facts_and_downloads(page, server):
