@@ -158,16 +158,18 @@ def write_comfyui(path: Path, state: dict, meta: dict) -> None:
 
 
 def write(path: Path, fmt: str, layers, scale: float, dtype: str, meta: dict, out_features: dict) -> None:
+    """One file of ``layers`` (fp32 factors, cast to ``dtype`` only after fusing / folding the scale)."""
     rank = next(iter(layers.values()))[0].shape[0]
     meta = {**meta, "format": fmt, "dtype": dtype, "export_rank": rank, "alpha": rank * scale}
-    cast = {name: (a.to(EXPORT_DTYPES[dtype]), b.to(EXPORT_DTYPES[dtype])) for name, (a, b) in layers.items()}
+    to = EXPORT_DTYPES[dtype]
     if fmt == "diffusers":
         state = {}
-        for name, (a, b) in cast.items():
-            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+        for name, (a, b) in layers.items():
+            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a.to(to), b.to(to)
         write_diffusers(path, state, adapters.lora_config(rank, scale, list(layers), 0.0), meta)
     else:
-        write_comfyui(path, kohya.to_kohya(cast, scale, out_features), meta)
+        state = kohya.to_kohya(layers, scale, out_features)
+        write_comfyui(path, {k: v if k.endswith(".alpha") else v.to(to) for k, v in state.items()}, meta)
 
 
 def metadata(cfg, info: adapters.AdapterInfo, method: str, steps: int) -> dict:
@@ -201,8 +203,8 @@ def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, cfg, method: str,
     if rank is not None:
         current = next(iter(layers.values()))[0].shape[0]
         if not 1 <= rank < current:
-            raise adapters.AdapterError(f"--rank {rank} is not between 1 and the exported rank {current} of arm {method}: "
-                                        "nothing to shrink -> fix: choose a rank from 1 to {current - 1}")
+            raise adapters.AdapterError(f"--rank {rank} is not between 1 and the exported rank {current} of arm "
+                                        f"{method}: nothing to shrink -> fix: choose a rank from 1 to {current - 1}")
         refactored = refactor(layers, rank)
         layers = refactored.layers
         meta.update(offset=False, refactored_from=current, refactor_error=refactored.overall,

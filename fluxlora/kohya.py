@@ -15,6 +15,8 @@ the one diffusers' ``_convert_kohya_flux_lora_to_diffusers`` reads (lora_convers
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 PREFIX = "lora_unet_"
@@ -114,14 +116,24 @@ def _split(down, up, parts, sizes, hint):
     default on fused layers). Both are exact. Parts whose rows are all zero and not in ``hint`` are
     left out (they contribute nothing)."""
     rows = dict(zip(parts, up.split(sizes, dim=0)))
-    used = [p for p in parts if (hint is not None and p in hint) or rows[p].abs().sum() > 0] or list(parts)
+    used = [p for p in parts if (hint is not None and p in hint) or rows[p].any()] or list(parts)
     rank = down.shape[0]
     if rank % len(used) == 0:
         r = rank // len(used)
-        outside = [rows[p].clone().index_fill_(1, torch.arange(i * r, (i + 1) * r), 0) for i, p in enumerate(used)]
-        if all(not o.any() for o in outside):
+        off_block = [rows[p].clone().index_fill_(1, torch.arange(i * r, (i + 1) * r), 0) for i, p in enumerate(used)]
+        if not any(o.any() for o in off_block):
             return {p: (down[i * r:(i + 1) * r], rows[p][:, i * r:(i + 1) * r]) for i, p in enumerate(used)}
     return {p: (down, rows[p]) for p in used}
+
+
+def _kohya_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI also reads 'diffusion_model.<BFL module>.lora_down.weight': the same adapters under BFL's
+    dotted names. Bring them to the lora_unet_ form."""
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"diffusion_model\.(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        out[f"{PREFIX}{m.group(1).replace('.', '_')}.{m.group(2)}" if m else key] = value
+    return out
 
 
 def from_kohya(state: dict[str, torch.Tensor], out_features: dict[str, int],
@@ -130,6 +142,7 @@ def from_kohya(state: dict[str, torch.Tensor], out_features: dict[str, int],
 
     ``out_features`` lists the model's Linear modules (names and output sizes); ``hint`` the modules
     the file says it adapts (our own files), which keeps an untrained all-zero part in place."""
+    state = _kohya_names(state)
     known = {}
     for name in out_features:
         mapped = bfl_module(name)

@@ -106,8 +106,8 @@ def test_foreign_kohya_file_starts_the_arm_at_its_delta(tiny_flux, tmp_path):
     g, rank, state = torch.Generator().manual_seed(3), 4, {}
     fused = {"double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
                                               "transformer_blocks.0.attn.to_v"],
-             "single_blocks_0_linear1": ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
-                                         "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"],
+             "single_blocks_0_linear1": [f"single_transformer_blocks.0.{m}"
+                                         for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")],
              "single_blocks_0_linear2": ["single_transformer_blocks.0.proj_out"],
              "final_layer_adaLN_modulation_1": ["norm_out.linear"]}
     merged = copy.deepcopy(model)
@@ -125,6 +125,16 @@ def test_foreign_kohya_file_starts_the_arm_at_its_delta(tiny_flux, tmp_path):
     path = tmp_path / "foreign.safetensors"
     save_file(state, str(path))
     lf = lorafile.read(path, out_features)
+    dotted = {"double_blocks_0_img_attn_qkv": "double_blocks.0.img_attn.qkv", "single_blocks_0_linear1":
+              "single_blocks.0.linear1", "single_blocks_0_linear2": "single_blocks.0.linear2",
+              "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}
+    comfy = {}  # the same file in ComfyUI's own key style
+    for key, value in state.items():
+        module, _, kind = key.partition(".")
+        comfy[f"diffusion_model.{dotted[module.removeprefix('lora_unet_')]}.{kind}"] = value
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    for name, (a, b, s) in lorafile.read(tmp_path / "comfy.safetensors", out_features).layers.items():
+        assert torch.equal(a, lf.layers[name][0]) and torch.equal(b, lf.layers[name][1]) and s == lf.layers[name][2]
     targets = sorted(n for parts in fused.values() for n in parts)
     assert sorted(lf.layers) == targets and lf.rank == rank and not lf.offset
     lorafile.check(lf, rank, targets, False, "lora", list(out_features))
