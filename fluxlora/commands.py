@@ -69,6 +69,11 @@ def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = No
         scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
         targets = adapters.find_targets(model, a.target_modules or family.TARGET_PRESETS[a.targets])
         info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True)
+        exact_rank = a.rank * (2 if info.has_offset else 1)
+        if rank is not None and exact_rank <= rank:
+            adapters.remove(model, info)
+            print(f"{name}: its exact export is already rank {exact_rank} <= {rank}; nothing to re-factorize")
+            continue
         try:
             adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
             step = int(ckpt.name.split("-")[1])

@@ -247,8 +247,13 @@ def test_export_command_formats_dtype_and_smaller_rank(first_run, capsys):
     assert meta["refactored_from"] == 8 and meta["export_rank"] == 3 and meta["offset"] is False
     assert 0 < err <= meta["refactor_error_max"] + 2e-3
     assert f"{meta['refactor_error']:.3e}" in out and "max over layers" in out
-    with pytest.raises(adapters.AdapterError, match="--rank 8 is not between 1 and the exported rank 8"):
-        commands.export(root, ["loram"], None, None, 8)
+    assert commands.export(root, None, ["comfyui"], None, 4) == 0  # lora's exact file is rank 4 already
+    out = capsys.readouterr().out
+    assert "lora: its exact export is already rank 4 <= 4; nothing to re-factorize" in out
+    assert "loram: rank 4 relative error" in out
+    assert not (first_run.arm("lora").root / "adapter_comfyui-r4.safetensors").exists()
+    with pytest.raises(adapters.AdapterError, match="--rank 0 is not between 1 and the exported rank 8"):
+        commands.export(root, ["loram"], None, None, 0)
     from fluxlora.runner import RunError
 
     with pytest.raises(RunError, match="unknown export format 'kohya'"):
