@@ -13,9 +13,14 @@ def train(config: str, overrides: list[str], resume: bool) -> int:
 
     cfg = load_config(config, overrides)
     results = run(cfg, resume=resume)
+    failed = 1 if any("error" in r for r in results) else 0
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # data-parallel: the main process reports
+        return failed
     print(summary_table(results))
     print(f"run folder: {Path(cfg.output_dir) / cfg.name}")
-    return 1 if any("error" in r for r in results) else 0
+    return failed
 
 
 def _open_run(run_dir: Path):

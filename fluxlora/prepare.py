@@ -41,6 +41,13 @@ class Prepared:
     autocast: object = contextlib.nullcontext  # accelerate's mixed-precision context
     evaluator: object = None  # metrics.ToyEvaluator on the toy world, else None
     dtype: torch.dtype = torch.float32  # the transformer's compute dtype
+    rank: int = 0  # this process's index in data-parallel training (accelerate launch / torchrun)
+    world: int = 1  # number of data-parallel processes
+
+    @property
+    def main(self) -> bool:
+        """Only the main process writes to the run folder (samples, metrics, checkpoints, exports)."""
+        return self.rank == 0
 
 
 def encode_folder(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool,
@@ -70,7 +77,10 @@ def generate_class_images(family, pipe, folder: Path, prompt: str, count: int, r
         img.save(folder / f"class_{i:04d}.png")
 
 
-def prepare(cfg, device: torch.device, warn=print) -> Prepared:
+def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcontext,
+            evaluate: bool = True) -> Prepared:
+    """``main_first``: a context in which the main process runs first (class images are generated
+    once); ``evaluate``: build the toy evaluator (only the main process logs metrics)."""
     family = FAMILIES[cfg.model.family]
     samples = data.load_samples(cfg.data.instance_dir, cfg.data.instance_prompt, warn=warn)
     pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
@@ -81,8 +91,9 @@ def prepare(cfg, device: torch.device, warn=print) -> Prepared:
     if cfg.data.class_prompt:
         folder = Path(cfg.data.class_dir or Path(cfg.output_dir) / cfg.name / "class_images")
         if cfg.data.num_class_images:
-            generate_class_images(family, pipe, folder, cfg.data.class_prompt, cfg.data.num_class_images,
-                                  cfg.data.resolution, max_len, cfg.sample.steps, warn)
+            with main_first():
+                generate_class_images(family, pipe, folder, cfg.data.class_prompt, cfg.data.num_class_images,
+                                      cfg.data.resolution, max_len, cfg.sample.steps, warn)
         class_samples = data.load_samples(folder, cfg.data.class_prompt, warn=warn)
     sample_prompts = cfg.sample.prompts or [cfg.data.instance_prompt or samples[0].caption]
     table = sorted({s.caption for s in samples + class_samples})
@@ -99,7 +110,7 @@ def prepare(cfg, device: torch.device, warn=print) -> Prepared:
     instance = cache(samples, cfg.train.seed)
     prior = cache(class_samples, cfg.train.seed + 1) if class_samples else None
     evaluator = None
-    if metrics.is_toy_model(cfg.model.path):
+    if evaluate and metrics.is_toy_model(cfg.model.path):
         s = cfg.sample
         evaluator = metrics.ToyEvaluator(family, pipe, max_len, s.resolution or cfg.data.resolution, s.steps,
                                          s.guidance, s.true_cfg)

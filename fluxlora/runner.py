@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fluxlora import adapters, checkpoint, preflight
 from fluxlora.config import arm_config, config_hash, dump_config
+from fluxlora.distributed import make_accelerator, on_main
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
 from fluxlora.train import TrainingStopped, check_arm, train_arm
@@ -77,23 +78,26 @@ def run(cfg, resume: bool = False, warn=print) -> list[dict]:
     if resume and cfg.train.resume is None:
         cfg.train.resume = "latest"
     preflight.check(cfg)
-    group = open_group(cfg, resume, warn)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    main = accelerator.is_main_process
+    warn = warn if main else (lambda message: None)
+    if cfg.train.batch_size % accelerator.num_processes:
+        raise RunError(f"train.batch_size {cfg.train.batch_size} is the global batch and must divide evenly "
+                       f"over {accelerator.num_processes} processes -> fix: use a multiple of it")
+    group = on_main(accelerator, lambda: open_group(cfg, resume, warn), RunError) or \
+        GroupDir(Path(cfg.output_dir) / cfg.name)
     try:
-        return _run_arms(cfg, group, resume, warn)
+        return _run_arms(cfg, group, resume, warn, accelerator)
     finally:
-        (group.root / LOCK).unlink(missing_ok=True)
+        if main:
+            (group.root / LOCK).unlink(missing_ok=True)
 
 
-def _run_arms(cfg, group: GroupDir, resume: bool, warn) -> list[dict]:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one process-wide state; a second run in the same process (tests, the web UI)
-    # may ask for another precision, so start from a clean state (accelerate 1.15 API).
-    AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    prep = prepare(cfg, accelerator.device, warn=warn)
+def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator) -> list[dict]:
+    prep = prepare(cfg, accelerator.device, warn=warn, main_first=accelerator.main_process_first,
+                   evaluate=accelerator.is_main_process)
     prep.autocast = accelerator.autocast
+    prep.rank, prep.world = accelerator.process_index, accelerator.num_processes
     for method in cfg.adapter.arms:  # a file or target problem stops the run before any arm trains
         check_arm(prep, arm_config(cfg, method), method)
     results = []
@@ -105,18 +109,22 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn) -> list[dict]:
         try:
             summary = train_arm(prep, arm_config(cfg, method), method, arm)
         except (TrainingStopped, adapters.AdapterError, checkpoint.CheckpointError) as e:
-            arm.set_status("failed", error=str(e))
+            if prep.main:
+                arm.set_status("failed", error=str(e))
             warn(f"arm {method} failed: {e}")
             results.append({"arm": method, "method": method, "error": str(e)})
             continue
         except KeyboardInterrupt:
-            arm.set_status("interrupted", error="interrupted by the user; resume with --resume")
-            group.write_info(status="interrupted")
+            if prep.main:
+                arm.set_status("interrupted", error="interrupted by the user; resume with --resume")
+                group.write_info(status="interrupted")
             raise
-        arm.set_status("done", summary=summary)
+        if prep.main:
+            arm.set_status("done", summary=summary)
         results.append(summary)
     failed = [r for r in results if "error" in r]
-    group.write_info(status="failed" if failed and len(failed) == len(results) else "done")
+    if prep.main:
+        group.write_info(status="failed" if failed and len(failed) == len(results) else "done")
     return results
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, checkpoint, export, inits, lorafile, sampling
+from fluxlora import adapters, checkpoint, distributed, export, inits, lorafile, sampling
 from fluxlora.prepare import Prepared
 from fluxlora.rundir import ArmDir, write_json
 
@@ -18,14 +18,16 @@ from fluxlora.rundir import ArmDir, write_json
 class MetricsLog:
     """metrics.jsonl of an arm, mirrored to TensorBoard scalars when asked."""
 
-    def __init__(self, arm: ArmDir, tensorboard: bool):
-        self.arm, self.writer = arm, None
-        if tensorboard:
+    def __init__(self, arm: ArmDir, tensorboard: bool, enabled: bool = True):
+        self.arm, self.writer, self.enabled = arm, None, enabled
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(arm.root / "tensorboard"))
 
     def __call__(self, record: dict) -> None:
+        if not self.enabled:  # not the main process of a data-parallel run
+            return
         self.arm.log_metrics(record)
         if self.writer is not None:
             for key, value in record.items():
@@ -82,6 +84,12 @@ def loss_step(prep: Prepared, model, batch: Batch, gen: torch.Generator, t, prio
     b = batch.x0.shape[0]
     sigmas = fam.sample_sigmas(b, t.timestep_sampling, gen, t.logit_mean, t.logit_std, t.mode_scale, t.shift)
     noise = torch.randn(batch.x0.shape, generator=gen).to(batch.x0)
+    rec = {"sigma_sum": float(sigmas.double().sum()), "noise_sum": float(noise.double().sum())}
+    n = batch.n_instance
+    if prep.world > 1:  # every process drew the whole global batch; it computes its own share
+        rows = distributed.share(n, b, prep.rank, prep.world)
+        batch = Batch(batch.x0[rows], batch.embeds[rows], batch.pooled[rows], n // prep.world)
+        sigmas, noise, n, b = sigmas[rows], noise[rows], n // prep.world, len(rows)
     sigmas = sigmas.to(batch.x0.device)
     xt, target = fam.noisy(batch.x0, noise, sigmas)
     dtype = prep.dtype
@@ -90,11 +98,10 @@ def loss_step(prep: Prepared, model, batch: Batch, gen: torch.Generator, t, prio
                            prep.img_ids.to(dtype), t.guidance)
     per = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
     per = per * fam.loss_weights(t.loss_weighting, sigmas).float()
-    n = batch.n_instance
     loss = per[:n].mean()
     if n < b:
         loss = loss + prior_weight * per[n:].mean()
-    return loss, {"sigma_sum": float(sigmas.double().sum()), "noise_sum": float(noise.double().sum())}
+    return loss, rec
 
 
 def make_optimizer(model, t, lr_ratio_b: float):
@@ -115,6 +122,8 @@ def make_lr_scheduler(optimizer, t):
 
 
 def write_samples(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: int, log) -> None:
+    if not prep.main:
+        return
     model.eval()
     images, seeds = [], list(s.seeds)
     for i, _ in enumerate(prep.sample_prompts):
@@ -180,18 +189,20 @@ def _start(prep, cfg, arm, info, resume_from, log):
     start = 0
     if resume_from is not None:
         start = checkpoint.load(resume_from, model, optimizer, lr_scheduler, gen)["step"]
-    arm.truncate_metrics(start)  # records of steps after the checkpoint (a killed attempt) are redone
-    if resume_from is None:
-        write_json(arm.init_file, init_record(info))
-    arm.set_status("running", step=start, total=t.steps, method=info.method)
+    if prep.main:
+        arm.truncate_metrics(start)  # records of steps after the checkpoint (a killed attempt) are redone
+        if resume_from is None:
+            write_json(arm.init_file, init_record(info))
+        arm.set_status("running", step=start, total=t.steps, method=info.method)
     if start == 0:
         write_samples(prep, model, arm, 0, cfg.sample, cfg.sample.resolution or cfg.data.resolution, log)
     model.train()
     return optimizer, lr_scheduler, gen, start
 
 
-def accumulate(prep, cfg, model, step: int, gen) -> tuple[float, dict]:
-    """Forward/backward over ``grad_accum`` micro-batches; returns the mean loss and draw checksums."""
+def accumulate(prep, cfg, model, step: int, gen, params) -> tuple[float, dict]:
+    """Forward/backward over ``grad_accum`` micro-batches; returns the mean loss and draw checksums.
+    In data-parallel runs the gradients and the loss are averaged over the processes."""
     t = cfg.train
     loss_total, rec = 0.0, {}
     for micro in range(t.grad_accum):
@@ -199,12 +210,13 @@ def accumulate(prep, cfg, model, step: int, gen) -> tuple[float, dict]:
         loss, rec = loss_step(prep, model, batch, gen, t, cfg.data.prior_loss_weight)
         (loss / t.grad_accum).backward()
         loss_total += loss.item() / t.grad_accum
-    return loss_total, rec
+    distributed.average_gradients(params, prep.world)
+    return distributed.mean_over_processes(loss_total, prep.device, prep.world), rec
 
 
 def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
     t, model = cfg.train, prep.pipe.transformer
-    log = MetricsLog(arm, t.tensorboard)
+    log = MetricsLog(arm, t.tensorboard, enabled=prep.main)
     optimizer, lr_scheduler, gen, start = _start(prep, cfg, arm, info, resume_from, log)
     res = cfg.sample.resolution or cfg.data.resolution
     bad, done, t_start, last_status = 0, start, time.perf_counter(), time.monotonic()
@@ -215,7 +227,7 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
     try:
         for step in bar:
             t0, gen_state = time.perf_counter(), gen.get_state()
-            loss_total, rec = accumulate(prep, cfg, model, step, gen)
+            loss_total, rec = accumulate(prep, cfg, model, step, gen, params)
             if not math.isfinite(loss_total):
                 optimizer.zero_grad(set_to_none=True)  # the step is not applied
                 bad, done = bad + 1, step + 1
@@ -237,8 +249,8 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
             if due(done, cfg.sample.every, t.steps):
                 write_samples(prep, model, arm, done, cfg.sample, res, log)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
-                save_checkpoint(arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
-            if time.monotonic() - last_status > 2.0:  # status.json is fsync'ed: not every step
+                save_checkpoint(prep, arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
+            if prep.main and time.monotonic() - last_status > 2.0:  # status.json is fsync'ed: not every step
                 arm.set_status("running", step=done, total=t.steps, method=method)
                 last_status = time.monotonic()
     except KeyboardInterrupt:
@@ -246,11 +258,13 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
         # short is redone on resume, so its random draws are rewound.
         gen.set_state(gen_state)
         optimizer.zero_grad(set_to_none=True)
-        save_checkpoint(arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
+        save_checkpoint(prep, arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
         raise
     finally:
         bar.close()
         log.close()
+    if not prep.main:
+        return {"arm": arm.name, "method": method, "rank": prep.rank}
     arm.set_status("running", step=done, total=t.steps, method=method)
     try:
         export.export_arm(model, info, arm, cfg, method, t.steps)
@@ -280,7 +294,9 @@ def summarize(arm: ArmDir, info: adapters.AdapterInfo, wall: float, device: torc
             "final_metrics": next((r for r in reversed(records) if "subject_fidelity" in r), {})}
 
 
-def save_checkpoint(arm, step, model, optimizer, lr_scheduler, gen, keep) -> None:
+def save_checkpoint(prep, arm, step, model, optimizer, lr_scheduler, gen, keep) -> None:
+    if not prep.main:  # every process holds the same state: the main one's checkpoint resumes them all
+        return
     try:
         checkpoint.save(arm, step, model, optimizer, lr_scheduler, gen, keep)
     except checkpoint.CheckpointError as e:
