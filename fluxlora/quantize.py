@@ -15,7 +15,10 @@ BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 def _quantized(layer: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
-    w = layer.weight.data
+    # bitsandbytes quantizes a weight when it moves to its device; built from a CPU copy, the move at the
+    # end quantizes on CUDA as well as on the CPU (a weight already on the GPU would not be moved).
+    w = layer.weight.data.detach().cpu()
+    device = layer.weight.device
     if mode == "int8":
         q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                 has_fp16_weights=False, threshold=0.0)
@@ -28,7 +31,7 @@ def _quantized(layer: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Mo
         raise ValueError(f"unknown quantization {mode!r}; valid: none, int8, nf4")
     if layer.bias is not None:
         q.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
-    return q.to(w.device)  # moving the module quantizes the weight
+    return q.to(device)  # moving the module quantizes the weight
 
 
 def quantize_transformer(model: nn.Module, mode: str, compute_dtype: torch.dtype = torch.float32) -> int:

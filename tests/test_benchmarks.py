@@ -1,0 +1,39 @@
+"""The benchmark scripts keep working (their CPU modes; numbers are recorded in BENCHMARKS.md, not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flux_full_gpu_tiny_mode_measures_every_configuration(tmp_path):
+    out = tmp_path / "r.jsonl"
+    done = subprocess.run([sys.executable, "benchmarks/flux_full_gpu.py", "--tiny", "--steps", "1", "--warmup", "0",
+                           "--jsonl", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "s/it" not in line]
+    assert len(rows) == 3 * 2 * 3  # bases x checkpointing x methods at one resolution
+    import json
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    full = [r for r in records if r["base"] == "float32"]
+    assert len(full) == 6 and all(r["step_tflop"] > 0 and r["floor_s_per_it"] > 0 for r in full)
+    # checkpointing recomputes the forward: more FLOPs per step than without it
+    on = {r["method"]: r["step_tflop"] for r in full if r["checkpointing"]}
+    off = {r["method"]: r["step_tflop"] for r in full if not r["checkpointing"]}
+    assert all(on[m] > off[m] for m in on)
+    assert {r["base"] for r in records} == {"float32", "int8", "nf4"}
+
+
+def test_flux_full_gpu_without_a_gpu_says_how_to_run_it():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script runs the full benchmark instead")
+    done = subprocess.run([sys.executable, "benchmarks/flux_full_gpu.py"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "--tiny" in done.stderr
