@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config (see train_configs/)")
     t.add_argument("overrides", nargs="*", help="config overrides key.path=value, e.g. train.steps=100")
     t.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoints")
+    t.add_argument("--arms-parallel", nargs="?", type=int, const=0, default=None, metavar="N",
+                   help="train the arms at the same time: one worker per visible GPU (2+ GPUs), or N "
+                        "worker processes (N CPU processes when there is no second GPU)")
+    t.add_argument("--worker-arms", default=None, help=argparse.SUPPRESS)  # set by --arms-parallel
     e = sub.add_parser("export", help="re-export the adapters of a run from its latest checkpoints")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--arm", action="append", help="only this arm (repeatable; default all)")
@@ -102,7 +106,7 @@ def dispatch(args) -> int:
     from fluxlora import commands
 
     if args.command == "train":
-        return commands.train(args.config, args.overrides, args.resume)
+        return commands.train(args.config, args.overrides, args.resume, args.arms_parallel, args.worker_arms)
     if args.command == "export":
         return commands.export(Path(args.run_dir), args.arm, commands.parse_formats(args.format), args.dtype,
                                args.rank)

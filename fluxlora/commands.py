@@ -7,15 +7,24 @@ from pathlib import Path
 from fluxlora.rundir import GroupDir
 
 
-def train(config: str, overrides: list[str], resume: bool) -> int:
+def train(config: str, overrides: list[str], resume: bool, arms_parallel: int | None = None,
+          worker_arms: str | None = None) -> int:
+    from accelerate import PartialState
+
     from fluxlora.config import load_config
     from fluxlora.runner import run, summary_table
 
     cfg = load_config(config, overrides)
-    results = run(cfg, resume=resume)
-    failed = 1 if any("error" in r for r in results) else 0
-    from accelerate import PartialState
+    if worker_arms:  # one worker of --arms-parallel: the parent owns the run folder and reports
+        results = run(cfg, resume=resume, arms=worker_arms.split(","), owner=False)
+        return 1 if any("error" in r for r in results) else 0
+    if arms_parallel is not None:
+        from fluxlora.parallel import run_parallel
 
+        results = run_parallel(cfg, config, overrides, resume, arms_parallel or None)
+    else:
+        results = run(cfg, resume=resume)
+    failed = 1 if any("error" in r for r in results) else 0
     if not PartialState().is_main_process:  # data-parallel: the main process reports
         return failed
     print(summary_table(results))

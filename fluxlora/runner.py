@@ -67,8 +67,10 @@ def open_group(cfg, resume: bool, warn=print) -> GroupDir:
     return group
 
 
-def run(cfg, resume: bool = False, warn=print) -> list[dict]:
-    """Train every arm of the config, one after another; a failed arm does not stop the others."""
+def run(cfg, resume: bool = False, warn=print, arms: list[str] | None = None, owner: bool = True) -> list[dict]:
+    """Train every arm of the config (or only ``arms``), one after another; a failed arm does not stop
+    the others. ``owner=False``: the run folder was opened (and is locked) by a parent process that
+    trains other arms of the same group in parallel (--arms-parallel); it writes the group status."""
     if cfg.train.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -84,24 +86,27 @@ def run(cfg, resume: bool = False, warn=print) -> list[dict]:
     if cfg.train.batch_size % accelerator.num_processes:
         raise RunError(f"train.batch_size {cfg.train.batch_size} is the global batch and must divide evenly "
                        f"over {accelerator.num_processes} processes -> fix: use a multiple of it")
+    if not owner:
+        return _run_arms(cfg, GroupDir(Path(cfg.output_dir) / cfg.name), resume, warn, accelerator, arms, False)
     group = on_main(accelerator, lambda: open_group(cfg, resume, warn), RunError) or \
         GroupDir(Path(cfg.output_dir) / cfg.name)
     try:
-        return _run_arms(cfg, group, resume, warn, accelerator)
+        return _run_arms(cfg, group, resume, warn, accelerator, arms)
     finally:
         if main:
             (group.root / LOCK).unlink(missing_ok=True)
 
 
-def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator) -> list[dict]:
+def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, owner=True) -> list[dict]:
     prep = prepare(cfg, accelerator.device, warn=warn, main_first=accelerator.main_process_first,
                    evaluate=accelerator.is_main_process)
     prep.autocast = accelerator.autocast
     prep.rank, prep.world = accelerator.process_index, accelerator.num_processes
-    for method in cfg.adapter.arms:  # a file or target problem stops the run before any arm trains
+    arms = arms or cfg.adapter.arms
+    for method in arms:  # a file or target problem stops the run before any arm trains
         check_arm(prep, arm_config(cfg, method), method)
     results = []
-    for method in cfg.adapter.arms:
+    for method in arms:
         arm = group.arm(method)
         if arm.status().get("status") == "done" and resume:
             results.append(arm.status().get("summary", {"arm": method}))
@@ -122,10 +127,14 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator) -> list[dic
         if prep.main:
             arm.set_status("done", summary=summary)
         results.append(summary)
-    failed = [r for r in results if "error" in r]
-    if prep.main:
-        group.write_info(status="failed" if failed and len(failed) == len(results) else "done")
+    if prep.main and owner:
+        group.write_info(status=group_status(results))
     return results
+
+
+def group_status(results: list[dict]) -> str:
+    failed = [r for r in results if "error" in r]
+    return "failed" if failed and len(failed) == len(results) else "done"
 
 
 def summary_table(results: list[dict]) -> str:

@@ -99,3 +99,31 @@ def test_global_batch_must_divide_over_processes(tmp_path, tiny_flux, subject_di
     assert "train.batch_size 3 is the global batch" in done.stderr
     assert not (tmp_path / "runs" / "odd").exists()
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_arms_parallel_cpu_workers_equal_one_after_another(tmp_path, tiny_flux, subject_dir):
+    """--arms-parallel 2 on a machine without GPUs: two CPU worker processes, one arm each, same results
+    as training the arms one after another (tolerance: the workers may use another thread count)."""
+    train(write_config(tmp_path, tiny_flux, subject_dir, "seq", 3, batch_size=1), 1)
+    par = train(write_config(tmp_path, tiny_flux, subject_dir, "par", 3, batch_size=1), 1, "--arms-parallel", "2")
+    assert "CPU process 0: lora" in par.stdout + par.stderr and "CPU process 1: loram" in par.stdout + par.stderr
+    seq_root, par_root = tmp_path / "runs" / "seq", tmp_path / "runs" / "par"
+    assert_same_adapters(seq_root, par_root, ATOL)
+    assert files(seq_root) == files(par_root)
+    group = GroupDir(par_root)
+    assert group.info()["status"] == "done" and not (par_root / ".lock").exists()
+    table = par.stdout[par.stdout.index("final loss"):]
+    assert "lora " in table and "loram" in table and table.count("done") == 2
+
+
+def test_arms_are_dealt_round_robin_and_gpus_are_required_without_a_number():
+    from fluxlora.parallel import plan, worker_slots
+    from fluxlora.runner import RunError
+
+    assert plan(["lora", "pissa", "loram"], 2) == [["lora", "loram"], ["pissa"]]
+    assert plan(["lora"], 4) == [["lora"]]
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(RunError, match="at least 2 visible GPUs"):
+            worker_slots(None)
+        assert worker_slots(3) == (3, False)
