@@ -46,7 +46,7 @@ def main() -> None:
         together = train(args.config, out, "together", list(ARMS), args.steps)
         separate = {arm: train(args.config, out, f"only_{arm}", [arm], args.steps) for arm in ARMS}
     peaks = [p for p, _ in separate.values()]
-    print(f"| run | peak RSS MB | wall s |\n|---|---:|---:|")
+    print("| run | peak RSS MB | wall s |\n|---|---:|---:|")
     print(f"| 3 arms, one process | {together[0]:.0f} | {together[1]:.1f} |")
     for arm, (peak, wall) in separate.items():
         print(f"| {arm} alone | {peak:.0f} | {wall:.1f} |")

@@ -9,11 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
 from fluxlora.config import ConfigError, dump_config, parse_config
@@ -92,7 +90,8 @@ def build_config(form: LaunchForm, runs: Path, dataset: Path) -> dict:
     return {
         "name": form.name, "output_dir": str(runs.resolve()),
         "model": {"family": "flux", "path": form.model_path},
-        "data": {"instance_dir": str(dataset.resolve()), "instance_prompt": prompt, "resolution": form.resolution},
+        "data": {"instance_dir": str(dataset.resolve()), "instance_prompt": prompt, "trigger": form.trigger,
+                 "resolution": form.resolution},
         "adapter": {"init": list(form.arms), "rank": form.rank},
         "train": {"steps": form.steps, "lr": form.lr, "checkpoint_every": max(1, form.steps // 2)},
         "sample": {"every": max(1, form.steps // 4), "prompts": [prompt], "seeds": [0, 1]},
@@ -168,16 +167,3 @@ class Jobs:
             if self.running(name):
                 self.cancel(name, grace=10.0)
 
-
-def wait_for_group(runs: Path, name: str, timeout: float = 30.0) -> bool:
-    """True once runs/<name>/group.json exists (the subprocess has validated and started)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (runs / name / "group.json").exists():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def read_config_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
