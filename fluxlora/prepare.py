@@ -62,19 +62,46 @@ def encode_folder(family, pipe, samples: list[data.Sample], resolution: int, cen
     return torch.stack(out)
 
 
-def generate_class_images(family, pipe, folder: Path, prompt: str, count: int, resolution: int,
-                          max_len: int, steps: int, warn=print) -> None:
-    """Fill ``folder`` up to ``count`` images of ``prompt`` from the base model (prior preservation)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    have = len([p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_EXTS])
-    if have >= count:
-        return
-    warn(f"generating {count - have} class images of {prompt!r} into {folder}")
-    embeds, pooled = family.encode_prompts(pipe, [prompt], max_len)
-    for i in range(have, count):
-        img = family.generate(pipe, embeds, pooled, None, seed=i, resolution=resolution, steps=steps,
+@contextlib.contextmanager
+def on_device(device: torch.device, *modules):
+    """Modules on ``device`` for the block, back on the CPU after it: the big pieces of a pipeline (T5,
+    the transformer) never share the accelerator (FLUX.1: T5-XXL ~9.5 GB + an int8 transformer ~12 GB)."""
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to("cpu")
+
+
+def generate_class_images(family, pipe, folder: Path, embeds, first: int, count: int, resolution: int,
+                          steps: int) -> None:
+    """Images ``first..count-1`` of the class prompt (cached embeddings) from the base model."""
+    for i in range(first, count):
+        img = family.generate(pipe, *embeds, None, seed=i, resolution=resolution, steps=steps,
                               guidance=3.5, true_cfg=1.0)
         img.save(folder / f"class_{i:04d}.png")
+
+
+def class_samples(cfg, family, pipe, device, max_len: int, main_first, warn) -> list[data.Sample]:
+    """Prior-preservation images: the class folder, filled up to data.num_class_images by the main
+    process (text encoders on the accelerator to encode the class prompt, then the transformer to sample)."""
+    d = cfg.data
+    if not d.class_prompt:
+        return []
+    folder = Path(d.class_dir or Path(cfg.output_dir) / cfg.name / "class_images")
+    with main_first():
+        folder.mkdir(parents=True, exist_ok=True)
+        have = len([p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_EXTS])
+        if have < d.num_class_images:
+            warn(f"generating {d.num_class_images - have} class images of {d.class_prompt!r} into {folder}")
+            with on_device(device, pipe.text_encoder, pipe.text_encoder_2):
+                embeds = family.encode_prompts(pipe, [d.class_prompt], max_len)
+            with on_device(device, pipe.transformer):
+                generate_class_images(family, pipe, folder, embeds, have, d.num_class_images, d.resolution,
+                                      cfg.sample.steps)
+    return data.load_samples(folder, d.class_prompt, warn=warn)
 
 
 def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcontext,
@@ -85,39 +112,31 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     samples = data.load_samples(cfg.data.instance_dir, cfg.data.instance_prompt, warn=warn)
     pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
     max_len = cfg.model.max_sequence_length or family.default_max_sequence_length(cfg.model.path)
-    pipe.vae.to(device), pipe.text_encoder.to(device), pipe.text_encoder_2.to(device)
-    pipe.transformer.to(device)  # needed for class images and the evaluator's base samples
-    class_samples = []
-    if cfg.data.class_prompt:
-        folder = Path(cfg.data.class_dir or Path(cfg.output_dir) / cfg.name / "class_images")
-        if cfg.data.num_class_images:
-            with main_first():
-                generate_class_images(family, pipe, folder, cfg.data.class_prompt, cfg.data.num_class_images,
-                                      cfg.data.resolution, max_len, cfg.sample.steps, warn)
-        class_samples = data.load_samples(folder, cfg.data.class_prompt, warn=warn)
+    classes = class_samples(cfg, family, pipe, device, max_len, main_first, warn)
     sample_prompts = cfg.sample.prompts or [cfg.data.instance_prompt or samples[0].caption]
-    table = sorted({s.caption for s in samples + class_samples})
+    table = sorted({s.caption for s in samples + classes})
     index = {c: i for i, c in enumerate(table)}
-    embeds, pooled = family.encode_prompts(pipe, table, max_len)
-    sample_embeds = family.encode_prompts(pipe, sample_prompts, max_len)
-    negative = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
+    with on_device(device, pipe.text_encoder, pipe.text_encoder_2):
+        embeds, pooled = family.encode_prompts(pipe, table, max_len)
+        sample_embeds = family.encode_prompts(pipe, sample_prompts, max_len)
+        negative = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
 
     def cache(items: list[data.Sample], seed: int) -> Cache:
         lat = encode_folder(family, pipe, items, cfg.data.resolution, cfg.data.center_crop,
                             cfg.data.random_flip, seed)
         return Cache(lat, torch.tensor([index[s.caption] for s in items]))
 
-    instance = cache(samples, cfg.train.seed)
-    prior = cache(class_samples, cfg.train.seed + 1) if class_samples else None
+    with on_device(device, pipe.vae):
+        instance = cache(samples, cfg.train.seed)
+        prior = cache(classes, cfg.train.seed + 1) if classes else None
+    pipe.transformer.to(device)  # the encoders are back on the CPU: the loop needs only the transformer
     evaluator = None
-    if evaluate and metrics.is_toy_model(cfg.model.path):
+    if evaluate and metrics.is_toy_model(cfg.model.path):  # toy-sized: its prompts are encoded on the CPU
         s = cfg.sample
         evaluator = metrics.ToyEvaluator(family, pipe, max_len, s.resolution or cfg.data.resolution, s.steps,
                                          s.guidance, s.true_cfg)
-    # The loop needs only the transformer on the accelerator: encoders go back to the CPU.
-    pipe.vae.to("cpu"), pipe.text_encoder.to("cpu"), pipe.text_encoder_2.to("cpu")
     h, w = instance.latents.shape[-2:]
     img_ids = family.image_ids(h, w, device=device)
     return Prepared(family, pipe, device, instance, prior, embeds, pooled, sample_prompts, sample_embeds,
-                    negative, max_len, img_ids, {"images": len(samples), "class_images": len(class_samples)},
+                    negative, max_len, img_ids, {"images": len(samples), "class_images": len(classes)},
                     evaluator=evaluator, dtype=pipe.transformer.dtype)
