@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -31,22 +32,73 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def acquire_lock(root: Path, warn=print) -> Path:
-    """One training per run folder: a lock file with our pid; a lock whose process is gone is stale."""
-    lock = root / LOCK
+def _holder(lock: Path) -> int | None:
+    """The pid in the lock file; 0 when it holds no pid (stale); None when there is no lock file.
+    An empty file may be a lock being created this instant: wait a moment for its pid."""
+    for _ in range(20):
+        try:
+            text = lock.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if text:
+            return int(text) if text.isdigit() else 0
+        time.sleep(0.05)
+    return 0
+
+
+def _create(path: Path, pid: int) -> bool:
+    """Create ``path`` holding ``pid`` only if no such file exists (O_EXCL: of two racers one wins)."""
     try:
-        pid = int(lock.read_text().strip() or 0)
-    except (FileNotFoundError, ValueError):
-        pid = 0
-    if pid and pid != os.getpid() and _alive(pid):
-        raise RunError(f"another training (pid {pid}) is writing to {root} -> fix: wait for it, stop it, "
-                       f"or use another name=")
-    if pid and pid != os.getpid():
-        warn(f"taking over the stale lock of {root} (pid {pid} is gone)")
-    tmp = root / f".lock.{os.getpid()}"
-    tmp.write_text(str(os.getpid()))
-    os.replace(tmp, lock)
-    return lock
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(pid))
+    return True
+
+
+def _take_over(lock: Path, stale: int) -> bool:
+    """Replace a stale lock by ours, guarded by a second O_EXCL file so that of two processes taking over
+    the same stale lock only one does; False: someone else got there first (look again)."""
+    guard = lock.with_name(LOCK + ".takeover")
+    if not _create(guard, os.getpid()):
+        with contextlib.suppress(OSError):  # a guard left by a process killed inside this function
+            if time.time() - guard.stat().st_mtime > 10:
+                guard.unlink()
+        return False
+    try:
+        if _holder(lock) != stale:  # changed (or released) since we looked: decide again
+            return False
+        tmp = lock.with_name(f"{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, lock)
+        return True
+    finally:
+        guard.unlink(missing_ok=True)
+
+
+def acquire_lock(root: Path, warn=print) -> Path:
+    """One training per run folder: a lock file with our pid, created atomically; a lock whose process is
+    gone is stale and taken over."""
+    lock, me = root / LOCK, os.getpid()
+    for _ in range(100):
+        if _create(lock, me):
+            return lock
+        pid = _holder(lock)
+        if pid == me:
+            return lock
+        if pid is None:  # released meanwhile: try again
+            continue
+        if pid and _alive(pid):
+            raise RunError(f"another training (pid {pid}) is writing to {root} -> fix: wait for it, stop it, "
+                           f"or use another name=")
+        if _take_over(lock, pid):
+            warn(f"taking over the stale lock of {root} "
+                 + (f"(pid {pid} is gone)" if pid else "(it names no process)"))
+            return lock
+        time.sleep(0.01)
+    raise RunError(f"could not lock {root}: its lock file keeps changing -> fix: make sure no other training "
+                   f"uses this folder, then delete {lock}")
 
 
 def open_group(cfg, resume: bool, warn=print) -> GroupDir:
