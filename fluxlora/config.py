@@ -15,7 +15,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from fluxlora.yamlsafe import YamlProblem, load_yaml
 
-KNOWN_FAMILIES = ("flux",)
+KNOWN_FAMILIES = ("flux", "sd3")
+EXPORT_FORMATS = {"flux": ["diffusers", "comfyui"], "sd3": ["diffusers"]}  # kohya keys exist for FLUX only
 KNOWN_INITS = ("lora", "lora_gaussian", "pissa", "pissa_fast", "loram", "olora", "milora")
 
 
@@ -179,10 +180,10 @@ class SampleConfig(Section):
 
 class ExportConfig(Section):
     # The web UI and `fluxlora sample` read the diffusers file (adapter.safetensors).
-    formats: list[Literal["diffusers", "comfyui"]] = Field(
-        default_factory=lambda: ["diffusers", "comfyui"], min_length=1,
+    formats: list[Literal["diffusers", "comfyui"]] | None = Field(
+        None, min_length=1,
         description="files written after training: diffusers (adapter.safetensors), comfyui "
-                    "(adapter_comfyui.safetensors, kohya keys)")
+                    "(adapter_comfyui.safetensors, kohya keys; FLUX only). Default: every format of the family")
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
@@ -206,6 +207,16 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _export_formats(self):
+        allowed = EXPORT_FORMATS.get(self.model.family, ["diffusers"])
+        if self.export.formats is None:
+            self.export.formats = list(allowed)
+        elif bad := [f for f in self.export.formats if f not in allowed]:
+            raise ValueError(f"export.formats {bad} is not available for the {self.model.family} family -> "
+                             f"use export.formats={allowed}")
+        return self
 
 
 # ----- loading and reporting ------------------------------------------------------------------------
@@ -261,7 +272,18 @@ def _fix_for(err: dict) -> str:
         return f"give a value of the expected type ({err['msg'].lower()})"
     desc = (_section_fields(loc[:-1]) or {}).get(loc[-1]) if loc else None
     what = f" ({desc.description})" if desc is not None and desc.description else ""
-    return f"use a value that satisfies this{what}"
+    bounds = _bounds(desc) if desc is not None else ""
+    return f"use a value {bounds}{what}" if bounds else f"use a value that satisfies this{what}"
+
+
+_BOUND_WORDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("multiple_of", "a multiple of"))
+
+
+def _bounds(field) -> str:
+    """Every limit of a field in words (">= 16, <= 4096, a multiple of 16"): pydantic names only the first
+    one broken, and fixing one at a time costs a run per limit."""
+    return ", ".join(f"{word} {getattr(m, attr)}" for m in field.metadata for attr, word in _BOUND_WORDS
+                     if getattr(m, attr, None) is not None)
 
 
 def _problems(e: ValidationError) -> list[Problem]:
@@ -342,7 +364,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         data = load_yaml(text)
     except YamlProblem as e:
         where = f"{path}:{e.line}:{e.column}" if e.line else str(path)
-        raise ConfigError(str(path), [Problem(where, None, e.message, "fix the YAML at that position")]) from None
+        raise ConfigError(str(path), [Problem(where, None, e.message, e.fix)]) from None
     return parse_config(data, overrides, str(path))
 
 

@@ -17,8 +17,9 @@ def _data_problems(cfg: RunConfig) -> list[Problem]:
     try:
         data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt)
     except data.DataError as e:
-        out.append(Problem("data.instance_dir", repr(cfg.data.instance_dir), str(e),
-                           "point it at a folder of usable images"))
+        message, _, fix = str(e).rpartition("-> fix: ")  # DataError messages carry their own fix
+        out.append(Problem("data.instance_dir", repr(cfg.data.instance_dir), message.strip() or str(e),
+                           fix.strip() if message else "point it at a folder of usable images"))
     class_dir = cfg.data.class_dir
     if class_dir and not cfg.data.num_class_images and not Path(class_dir).is_dir():
         out.append(Problem("data.class_dir", repr(class_dir), "folder does not exist",

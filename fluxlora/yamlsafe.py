@@ -10,12 +10,14 @@ import yaml
 
 MAX_ALIASES = 100  # a real config uses a handful; "billion laughs" documents use thousands
 MAX_NODES = 100_000  # values after alias expansion: a few aliases can still expand exponentially
+_NO_ALIASES = "write the values out instead of repeating &anchors through *aliases"
 
 
 class YamlProblem(Exception):
-    def __init__(self, message: str, line: int | None = None, column: int | None = None):
+    def __init__(self, message: str, line: int | None = None, column: int | None = None,
+                 fix: str = "fix the YAML at that position"):
         super().__init__(message)
-        self.message, self.line, self.column = message, line, column
+        self.message, self.line, self.column, self.fix = message, line, column, fix
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -31,7 +33,7 @@ class _StrictLoader(yaml.SafeLoader):
             if self.alias_count > MAX_ALIASES:
                 mark = self.peek_event().start_mark
                 raise YamlProblem(f"more than {MAX_ALIASES} YAML aliases (an alias bomb?) - refused",
-                                  mark.line + 1, mark.column + 1)
+                                  mark.line + 1, mark.column + 1, _NO_ALIASES)
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -40,7 +42,8 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise YamlProblem(f"duplicate key {key!r} (first on line {seen[key]})",
-                                  key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                                  key_node.start_mark.line + 1, key_node.start_mark.column + 1,
+                                  f"keep one `{key}:` and delete the other")
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -60,7 +63,7 @@ def load_yaml(text: str):
     data = _load(text)
     if expanded_size(data) > MAX_NODES:
         raise YamlProblem(f"the document expands to more than {MAX_NODES:,} values through aliases "
-                          "(an alias bomb?) - refused")
+                          "(an alias bomb?) - refused", fix=_NO_ALIASES)
     return data
 
 
@@ -72,7 +75,8 @@ def _load(text: str):
     except yaml.constructor.ConstructorError as e:
         mark = e.problem_mark
         raise YamlProblem(f"unsupported YAML tag ({e.problem}); only plain values, lists and mappings "
-                          "are allowed", mark and mark.line + 1, mark and mark.column + 1) from None
+                          "are allowed", mark and mark.line + 1, mark and mark.column + 1,
+                          "remove the !!tag and write a plain value") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         raise YamlProblem(f"YAML syntax error: {e.problem}", mark and mark.line + 1,

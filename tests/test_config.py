@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from fluxlora.config import ConfigError, config_hash, dump_config, load_config, parse_config
 
@@ -96,14 +97,25 @@ def test_yaml_duplicate_key_with_line(tmp_path):
     assert "duplicate key 'name'" in probs[0].message and probs[0].where.endswith(":2:1")
 
 
-def test_yaml_syntax_error_has_line_and_column(tmp_path):
-    probs = problems_of(text="name: x\nmodel: {path: toy\n", tmp_path=tmp_path)
-    assert "syntax" in probs[0].message and probs[0].where.count(":") == 2
+@pytest.mark.parametrize("text,line,column,what", [
+    ("name: x\nmodel: {path: toy\ndata: {instance_dir: d}\n", 3, 5, "expected ',' or '}'"),  # unclosed {
+    ("name: x\nmodel:\n  path: toy\n   dtype: fp32\n", 4, 9, "mapping values are not allowed"),  # indent
+    ("name: x\nmodel:\n\tpath: toy\n", 3, 1, "'\\t'"),  # a tab
+    ("name: 'x\nmodel: {path: toy}\n", 3, 1, "end of stream"),  # unclosed quote
+])
+def test_yaml_syntax_error_has_line_and_column(tmp_path, text, line, column, what):
+    (p,) = problems_of(text=text, tmp_path=tmp_path)
+    assert p.where == f"{tmp_path / 'c.yaml'}:{line}:{column}"
+    assert p.message.startswith("YAML syntax error") and what in p.message and "position" in p.fix
 
 
-def test_python_tags_refused(tmp_path):
-    probs = problems_of(text="name: !!python/object/apply:os.system ['true']\n", tmp_path=tmp_path)
-    assert "unsupported YAML tag" in probs[0].message
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.mkdir", "!!python/name:os.mkdir", "!!binary"])
+def test_python_tags_refused(tmp_path, tag):
+    target = tmp_path / "created"
+    (p,) = problems_of(text=f"name: t\nmodel: {{path: {tag} ['{target}']}}\n", tmp_path=tmp_path)
+    assert "unsupported YAML tag" in p.message and p.where.endswith("c.yaml:2:15")
+    assert "remove the !!tag" in p.fix
+    assert not target.exists()  # nothing was constructed, let alone called
 
 
 def test_alias_bomb_fails_fast(tmp_path):
@@ -117,9 +129,42 @@ def test_alias_bomb_fails_fast(tmp_path):
     assert "alias" in probs[0].message
 
 
-@pytest.mark.parametrize("text,kind", [("- a\n- b\n", "list"), ("", "empty"), ("42\n", "int")])
+def test_too_many_aliases_refused_with_position(tmp_path):
+    text = "name: &n x\nlist: [" + ", ".join(["*n"] * 101) + "]\n"
+    (p,) = problems_of(text=text, tmp_path=tmp_path)
+    assert "more than 100 YAML aliases" in p.message and p.where.endswith(f"c.yaml:2:{8 + 4 * 100}")
+    assert "write the values out" in p.fix
+
+
+@pytest.mark.parametrize("text,kind", [("- a\n- b\n", "list"), ("", "empty"), ("42\n", "int"),
+                                       ("just a sentence\n", "str"), ("# only a comment\n", "empty")])
 def test_non_mapping_documents(tmp_path, text, kind):
-    assert kind in problems_of(text=text, tmp_path=tmp_path)[0].message
+    (p,) = problems_of(text=text, tmp_path=tmp_path)
+    assert p.where == "(document)" and p.message.endswith(f"got {kind}") and "`name:`" in p.fix
+
+
+@pytest.mark.parametrize("section,key,value,bounds", [
+    ("adapter", "rank", 0, ">= 1, <= 1024"), ("adapter", "rank", 2048, ">= 1, <= 1024"),
+    ("train", "lr", 0, "> 0, < 1"), ("train", "lr", 1.5, "> 0, < 1"), ("train", "lr", -0.0001, "> 0, < 1"),
+    ("train", "steps", 0, ">= 1"), ("train", "steps", -5, ">= 1"),
+    ("data", "resolution", 8, ">= 16, <= 4096, a multiple of 16"),
+    ("data", "resolution", 500, ">= 16, <= 4096, a multiple of 16"),
+    ("data", "resolution", 8192, ">= 16, <= 4096, a multiple of 16"),
+])
+def test_out_of_range_names_field_value_and_every_limit(section, key, value, bounds):
+    data = {**MINIMAL, section: {**MINIMAL.get(section, {}), key: value}}
+    (p,) = problems_of(data)
+    assert (p.where, p.value) == (f"{section}.{key}", repr(value))
+    assert p.fix.startswith(f"use a value {bounds}")
+
+
+def test_unknown_family_and_method_list_the_valid_ones():
+    probs = problems_of({**MINIMAL, "model": {"path": "toy", "family": "fluxx"},
+                         "adapter": {"init": ["lora", "dora"]}})
+    where = {p.where: p for p in probs}
+    assert set(where) == {"model.family", "adapter.init"}
+    assert "unknown family 'fluxx'" in where["model.family"].message and "flux" in where["model.family"].message
+    assert "['dora']" in where["adapter.init"].message and "pissa" in where["adapter.init"].message
 
 
 def test_missing_file():
@@ -183,3 +228,76 @@ def test_preflight_output_dir_not_writable(tmp_path, monkeypatch):
                         "data": {"instance_dir": str(tmp_path)}})
     problems = preflight._output_problems(cfg)
     assert problems[0].where == "output_dir" and "Permission denied" in problems[0].message
+
+
+# ----- through the command line: exit code 2, every problem named with its fix, no traceback ----------
+
+BOMB = "\n".join(['a: &a ["x","x","x","x","x","x","x","x","x"]'] + [
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]) + "\n"
+GOOD = "name: t\nmodel: {path: toy}\ndata: {instance_dir: DATA}\n"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("name: x\nmodel: {path: toy\ndata: {instance_dir: d}\n", ["c.yaml:3:5", "YAML syntax error"]),
+    ("- name: t\n", ["(document)", "got list"]),
+    (BOMB, ["c.yaml", "alias bomb", "write the values out"]),
+    ("name: !!python/object/apply:os.getcwd []\n", ["c.yaml:1:7", "unsupported YAML tag"]),
+    (GOOD + "train: {steps: ten}\n", ["train.steps = 'ten'", "valid integer"]),
+    (GOOD + "adapter: {rank: 0}\n", ["adapter.rank = 0", ">= 1, <= 1024"]),
+    (GOOD + "train: {lr: 2}\n", ["train.lr = 2", "> 0, < 1"]),
+    (GOOD.replace("DATA}", "DATA, resolution: 500}"), ["data.resolution = 500", "multiple of 16"]),
+    (GOOD.replace("{path: toy}", "{path: toy, family: fluxx}"), ["model.family = 'fluxx'", "valid: flux"]),
+    (GOOD + "adapter: {init: dora}\n", ["adapter.init = 'dora'", "valid: lora"]),
+    (GOOD.replace("DATA", "DATA/nope"), ["data.instance_dir", "data folder does not exist", "DATA/nope"]),
+    (GOOD.replace("toy", "./nope/pipe"), ["model.path = './nope/pipe'", "does not exist"]),
+    (GOOD.replace("DATA}", "DATA, class_dir: ./nope, class_prompt: a dog}"), ["data.class_dir", "does not exist"]),
+    (GOOD + "adapter: {init_from: ./nope.safetensors}\n", ["adapter.init_from", "file does not exist"]),
+])
+def test_cli_bad_config_kinds_exit_2_with_field_and_fix(tmp_path, capsys, text, expected):
+    from fluxlora import cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(images / "a.png")
+    config = tmp_path / "c.yaml"
+    config.write_text(text.replace("DATA", str(images)))
+    code = cli.main(["train", str(config), f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    expected = [e.replace("DATA", str(images)) for e in expected]
+    assert all(e in err for e in expected), err
+    lines = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert lines and all(" -> fix: " in line and line.count("-> fix:") == 1 for line in lines), err
+    assert not (tmp_path / "runs").exists()  # refused before the run folder is made
+
+
+def test_cli_missing_config_file_and_debug_traceback(tmp_path, capsys):
+    from fluxlora import cli
+
+    missing = tmp_path / "nope.yaml"
+    assert cli.main(["train", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: config file not found -> fix:" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="config file not found"):  # --debug: the exception propagates
+        cli.main(["--debug", "train", str(missing)])
+
+
+def test_bad_data_refused_before_any_model_loads(tmp_path, monkeypatch):
+    from fluxlora.families import flux
+    from fluxlora.runner import run
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the checks")
+
+    monkeypatch.setattr(flux, "load_pipeline", no_loading)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "empty.png").write_bytes(b"")
+    (images / "notes.jpg").write_text("not a picture")
+    cfg = parse_config({"name": "t", "output_dir": str(tmp_path / "runs"), "model": {"path": "toy"},
+                        "data": {"instance_dir": str(images), "instance_prompt": "a sks dog"}})
+    with pytest.raises(ConfigError) as e:
+        run(cfg, warn=lambda m: None)
+    (p,) = e.value.problems
+    assert p.where == "data.instance_dir" and "empty.png" in p.message and "notes.jpg" in p.message
+    assert p.fix == "replace or repair the files listed above"
