@@ -15,8 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from fluxlora.yamlsafe import YamlProblem, load_yaml
 
-KNOWN_FAMILIES = ("flux", "sd3")
-EXPORT_FORMATS = {"flux": ["diffusers", "comfyui"], "sd3": ["diffusers"]}  # kohya keys exist for FLUX only
+KNOWN_FAMILIES = ("flux",)
 KNOWN_INITS = ("lora", "lora_gaussian", "pissa", "pissa_fast", "loram", "olora", "milora")
 
 
@@ -180,10 +179,10 @@ class SampleConfig(Section):
 
 class ExportConfig(Section):
     # The web UI and `fluxlora sample` read the diffusers file (adapter.safetensors).
-    formats: list[Literal["diffusers", "comfyui"]] | None = Field(
-        None, min_length=1,
+    formats: list[Literal["diffusers", "comfyui"]] = Field(
+        default_factory=lambda: ["diffusers", "comfyui"], min_length=1,
         description="files written after training: diffusers (adapter.safetensors), comfyui "
-                    "(adapter_comfyui.safetensors, kohya keys; FLUX only). Default: every format of the family")
+                    "(adapter_comfyui.safetensors, kohya keys)")
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
@@ -207,16 +206,6 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
-
-    @model_validator(mode="after")
-    def _export_formats(self):
-        allowed = EXPORT_FORMATS.get(self.model.family, ["diffusers"])
-        if self.export.formats is None:
-            self.export.formats = list(allowed)
-        elif bad := [f for f in self.export.formats if f not in allowed]:
-            raise ValueError(f"export.formats {bad} is not available for the {self.model.family} family -> "
-                             f"use export.formats={allowed}")
-        return self
 
 
 # ----- loading and reporting ------------------------------------------------------------------------
