@@ -15,7 +15,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from fluxlora.yamlsafe import YamlProblem, load_yaml
 
-KNOWN_FAMILIES = ("flux",)
+KNOWN_FAMILIES = ("flux", "sd3")
+EXPORT_FORMATS = {"flux": ["diffusers", "comfyui"], "sd3": ["diffusers"]}  # kohya keys exist for FLUX only
 KNOWN_INITS = ("lora", "lora_gaussian", "pissa", "pissa_fast", "loram", "olora", "milora")
 
 
@@ -37,7 +38,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: str = Field("flux", description="model family: flux")
+    family: str = Field("flux", description="model family: flux, sd3")
     path: str = Field(description="'toy', a local diffusers pipeline directory, or a hub id")
     revision: str | None = Field(None, description="hub revision")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights / compute dtype")
@@ -179,10 +180,10 @@ class SampleConfig(Section):
 
 class ExportConfig(Section):
     # The web UI and `fluxlora sample` read the diffusers file (adapter.safetensors).
-    formats: list[Literal["diffusers", "comfyui"]] = Field(
-        default_factory=lambda: ["diffusers", "comfyui"], min_length=1,
+    formats: list[Literal["diffusers", "comfyui"]] | None = Field(
+        None, min_length=1,
         description="files written after training: diffusers (adapter.safetensors), comfyui "
-                    "(adapter_comfyui.safetensors, kohya keys)")
+                    "(adapter_comfyui.safetensors, kohya keys; FLUX only). Default: every format of the family")
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
@@ -206,6 +207,16 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _export_formats(self):
+        allowed = EXPORT_FORMATS.get(self.model.family, ["diffusers"])
+        if self.export.formats is None:
+            self.export.formats = list(allowed)
+        elif bad := [f for f in self.export.formats if f not in allowed]:
+            raise ValueError(f"export.formats {bad} is not available for the {self.model.family} family -> "
+                             f"use export.formats={allowed}")
+        return self
 
 
 # ----- loading and reporting ------------------------------------------------------------------------

@@ -133,14 +133,17 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_diffusers(path: Path, state: dict, lora_config, meta: dict) -> None:
-    """Write through FluxPipeline.save_lora_weights into a temp dir, add our metadata, rename in place."""
-    from diffusers import FluxPipeline
+    """Write through the family pipeline's save_lora_weights (FluxPipeline, StableDiffusion3Pipeline) into a
+    temp dir, add our metadata, rename in place."""
+    from fluxlora.families import FAMILIES
+
+    pipeline = FAMILIES[meta.get("family", "flux")].pipeline_class()
 
     path = Path(path)
     config = lora_config.to_dict()
     config["init_lora_weights"] = True  # loaders must never re-run an init (ENV_NOTES)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name="a.safetensors",
+        pipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name="a.safetensors",
                                        transformer_lora_adapter_metadata=config)
         with safe_open(os.path.join(tmp, "a.safetensors"), "pt") as f:
             metadata = dict(f.metadata() or {})

@@ -96,7 +96,7 @@ def class_samples(cfg, family, pipe, device, max_len: int, main_first, warn) -> 
         have = len([p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_EXTS])
         if have < d.num_class_images:
             warn(f"generating {d.num_class_images - have} class images of {d.class_prompt!r} into {folder}")
-            with on_device(device, pipe.text_encoder, pipe.text_encoder_2):
+            with on_device(device, *family.text_encoders(pipe)):
                 embeds = family.encode_prompts(pipe, [d.class_prompt], max_len)
             with on_device(device, pipe.transformer):
                 generate_class_images(family, pipe, folder, embeds, have, d.num_class_images, d.resolution,
@@ -116,7 +116,7 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     sample_prompts = cfg.sample.prompts or [cfg.data.instance_prompt or samples[0].caption]
     table = sorted({s.caption for s in samples + classes})
     index = {c: i for i, c in enumerate(table)}
-    with on_device(device, pipe.text_encoder, pipe.text_encoder_2):
+    with on_device(device, *family.text_encoders(pipe)):
         embeds, pooled = family.encode_prompts(pipe, table, max_len)
         sample_embeds = family.encode_prompts(pipe, sample_prompts, max_len)
         negative = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)

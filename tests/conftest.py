@@ -68,3 +68,10 @@ def finished_group(tmp_path_factory, tiny_flux, subject_dir):
     results = run(cfg, warn=lambda m: None)
     assert all("error" not in r for r in results), results
     return root / "runs", GroupDir(root / "runs" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    from fluxlora.toy.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3") / "pipe")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+NAME = "flux"
+EXPORT_FORMATS = ("diffusers", "comfyui")
 TARGET_PRESETS = {
     # FLUX.1-dev: 19 double blocks x 4 + 38 single blocks x 3 = 190 Linear 3072x3072 layers.
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -64,6 +66,16 @@ def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None, q
 
     quantize_transformer(pipe.transformer, quantize, DTYPES[dtype])
     return pipe
+
+
+def pipeline_class():
+    from diffusers import FluxPipeline
+
+    return FluxPipeline
+
+
+def text_encoders(pipe) -> list:
+    return [pipe.text_encoder, pipe.text_encoder_2]
 
 
 def default_max_sequence_length(path: str) -> int:

@@ -40,3 +40,38 @@ def build_tiny_flux(out: Path, seed: int = 0, guidance_embeds: bool = True) -> P
     )
     pipe.save_pretrained(out)
     return out
+
+
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+    joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+    pos_embed_max_size=32,
+)
+
+
+def build_tiny_sd3(out: Path, seed: int = 0) -> Path:
+    """A tiny random-weight StableDiffusion3Pipeline (two CLIP-with-projection encoders + T5, MMDiT, VAE)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
+                              T5TokenizerFast)
+
+    out = Path(out)
+    skeleton = out.with_name(out.name + "-parts")
+    build.build_skeleton(skeleton, seed)
+    clip_tok = CLIPTokenizer.from_pretrained(skeleton / "tokenizer")
+    v = len(clip_tok)
+    torch.manual_seed(seed)
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=build.CLIP_MAX_LENGTH, projection_dim=32, bos_token_id=v - 2,
+        eos_token_id=v - 1, pad_token_id=v - 1)).eval() for _ in range(2)]
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**TINY_SD3_TRANSFORMER).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=AutoencoderKL(**build.VAE_CONFIG).eval(),
+        text_encoder=clips[0], tokenizer=clip_tok, text_encoder_2=clips[1], tokenizer_2=clip_tok,
+        text_encoder_3=T5EncoderModel.from_pretrained(skeleton / "text_encoder_2"),
+        tokenizer_3=T5TokenizerFast.from_pretrained(skeleton / "tokenizer_2"),
+    )
+    pipe.save_pretrained(out)
+    return out
