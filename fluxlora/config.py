@@ -15,8 +15,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from fluxlora.yamlsafe import YamlProblem, load_yaml
 
-KNOWN_FAMILIES = ("flux", "sd3")
-EXPORT_FORMATS = {"flux": ["diffusers", "comfyui"], "sd3": ["diffusers"]}  # kohya keys exist for FLUX only
+KNOWN_FAMILIES = ("flux", "sd3", "sdxl", "sd15")
+EXPORT_FORMATS = {"flux": ["diffusers", "comfyui"]}  # kohya keys exist for FLUX only; others: diffusers
+FLOW_FAMILIES = ("flux", "sd3")  # flow matching; sdxl / sd15 train the DDPM objective
 KNOWN_INITS = ("lora", "lora_gaussian", "pissa", "pissa_fast", "loram", "olora", "milora")
 
 
@@ -38,7 +39,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: str = Field("flux", description="model family: flux, sd3")
+    family: str = Field("flux", description="model family: flux, sd3, sdxl, sd15")
     path: str = Field(description="'toy', a local diffusers pipeline directory, or a hub id")
     revision: str | None = Field(None, description="hub revision")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights / compute dtype")
@@ -149,7 +150,8 @@ class TrainConfig(Section):
     logit_std: Float = Field(1.0, gt=0)
     mode_scale: Float = 1.29
     shift: Float = Field(1.0, gt=0, description="sigma shift s' = shift s / (1 + (shift - 1) s)")
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap", "min_snr"] = Field(
+        "none", description="flow matching: none | sigma_sqrt | cosmap; sdxl/sd15: none | min_snr (gamma 5)")
     guidance: Float = Field(1.0, description="guidance-embedding value in training (distilled models)")
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -207,6 +209,20 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _family_options(self):
+        flow = self.model.family in FLOW_FAMILIES
+        if flow and self.train.loss_weighting == "min_snr":
+            raise ValueError(f"train.loss_weighting min_snr is for the DDPM families (sdxl, sd15), not "
+                             f"{self.model.family} -> use none, sigma_sqrt or cosmap")
+        if not flow and self.train.loss_weighting in ("sigma_sqrt", "cosmap"):
+            raise ValueError(f"train.loss_weighting {self.train.loss_weighting} is for flow matching (flux, sd3) "
+                             f"-> use none or min_snr for {self.model.family}")
+        if not flow and self.model.quantize != "none":
+            raise ValueError(f"model.quantize {self.model.quantize} is for the transformer families (flux, sd3) "
+                             f"-> set model.quantize=none for {self.model.family}")
+        return self
 
     @model_validator(mode="after")
     def _export_formats(self):

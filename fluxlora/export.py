@@ -143,8 +143,10 @@ def write_diffusers(path: Path, state: dict, lora_config, meta: dict) -> None:
     config = lora_config.to_dict()
     config["init_lora_weights"] = True  # loaders must never re-run an init (ENV_NOTES)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        pipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name="a.safetensors",
-                                       transformer_lora_adapter_metadata=config)
+        family = FAMILIES[meta.get("family", "flux")]
+        component = family.LORA_COMPONENT  # transformer (flux, sd3) or unet (sdxl, sd15)
+        pipeline.save_lora_weights(tmp, weight_name="a.safetensors", **{f"{component}_lora_layers": state,
+                                                                        f"{component}_lora_adapter_metadata": config})
         with safe_open(os.path.join(tmp, "a.safetensors"), "pt") as f:
             metadata = dict(f.metadata() or {})
         metadata[META_KEY] = json.dumps(meta, sort_keys=True)

@@ -111,6 +111,8 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     family = FAMILIES[cfg.model.family]
     samples = data.load_samples(cfg.data.instance_dir, cfg.data.instance_prompt, warn=warn)
     pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
+    if hasattr(family, "bind"):  # families whose training math needs the pipeline's noise schedule
+        family = family.bind(pipe)
     max_len = cfg.model.max_sequence_length or family.default_max_sequence_length(cfg.model.path)
     classes = class_samples(cfg, family, pipe, device, max_len, main_first, warn)
     sample_prompts = cfg.sample.prompts or [cfg.data.instance_prompt or samples[0].caption]

@@ -75,3 +75,18 @@ def tiny_sd3(tmp_path_factory):
     from fluxlora.toy.tiny import build_tiny_sd3
 
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory, tiny_sd3):
+    """family -> a tiny pipeline directory of that family (SDXL / SD 1.5 built on first use)."""
+    from fluxlora.toy.tiny import build_tiny_unet_pipeline
+
+    built = {"sd3": tiny_sd3}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_tiny_unet_pipeline(tmp_path_factory.mktemp(family) / "pipe", xl=family == "sdxl")
+        return built[family]
+
+    return get

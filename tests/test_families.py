@@ -1,5 +1,6 @@
-"""Model families other than FLUX, through the same trainer: a short multi-arm run per family, step-0
-invariance, and the export read back by the family's own pipeline (tiny pipelines built offline)."""
+"""Model families other than FLUX, through the same trainer: a short 3-arm run per family, step-0
+invariance, identical draws across arms, and the export read back by the family's own pipeline's
+`load_lora_weights` (tiny pipelines built offline from configs)."""
 
 from __future__ import annotations
 
@@ -8,69 +9,111 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from test_train import weights_hash
+from fluxlora.families import FAMILIES
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run
+from test_train import weights_hash
 
 METHODS = ["lora", "pissa", "loram"]
 PROMPT = "a zxq emblem on a red background, center"
+FAMILY_NAMES = ["sd3", "sdxl", "sd15"]
+MAX_LEN = {"sd3": 24, "sdxl": 77, "sd15": 77}
 
 
 def image(path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(int)
 
 
-@pytest.fixture(scope="module")
-def sd3_run(tmp_path_factory, tiny_sd3, subject_dir):
-    root = tmp_path_factory.mktemp("sd3run")
-    cfg = tiny_config(root, tiny_sd3, subject_dir, model={"family": "sd3", "path": str(tiny_sd3),
-                                                           "max_sequence_length": 24},
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_run(request, tmp_path_factory, tiny_pipelines, subject_dir):
+    name = request.param
+    path = tiny_pipelines(name)
+    root = tmp_path_factory.mktemp(f"{name}run")
+    cfg = tiny_config(root, path, subject_dir, model={"family": name, "path": str(path),
+                                                       "max_sequence_length": MAX_LEN[name]},
                       adapter={"init": METHODS, "rank": 4}, train={"steps": 3, "lr": 1.0e-2},
                       sample={"every": 0, "steps": 2, "seeds": [0], "prompts": [PROMPT], "guidance": 3.0})
     results = run(cfg, warn=lambda m: None)
     assert all("error" not in r for r in results), results
-    return cfg, GroupDir(root / "runs" / "tiny")
+    return name, path, GroupDir(root / "runs" / "tiny")
 
 
-def test_sd3_arms_share_draws_and_start_at_the_base(sd3_run, tiny_sd3):
-    from fluxlora.families import sd3
+def generate(family, pipe) -> np.ndarray:
+    embeds, pooled = family.encode_prompts(pipe, [PROMPT], MAX_LEN[family.NAME])
+    neg = family.encode_prompts(pipe, [""], MAX_LEN[family.NAME])
+    return np.asarray(family.generate(pipe, embeds, pooled, neg, seed=0, resolution=32, steps=2, guidance=3.0,
+                                      true_cfg=1.0)).astype(int)
 
-    cfg, group = sd3_run
+
+def test_arms_share_draws_and_start_at_the_base(family_run):
+    name, path, group = family_run
     sums = [[(r["sigma_sum"], r["noise_sum"]) for r in arm.metrics() if "loss" in r] for arm in group.arms()]
     assert sums[0] == sums[1] == sums[2] and len(sums[0]) == 3
-    pipe = sd3.load_pipeline(str(tiny_sd3))
-    embeds, pooled = sd3.encode_prompts(pipe, [PROMPT], 24)
-    neg = sd3.encode_prompts(pipe, [""], 24)
-    base = np.asarray(sd3.generate(pipe, embeds, pooled, neg, seed=0, resolution=32, steps=2, guidance=3.0,
-                                   true_cfg=1.0)).astype(int)
+    family = FAMILIES[name]
+    base = generate(family, family.load_pipeline(str(path)))
     for arm in group.arms():
         assert np.abs(image(arm.samples_dir / "step-000000" / "00.png") - base).max() <= 1, arm.name
         assert np.abs(image(arm.samples_dir / "step-000003" / "00.png") - base).max() > 0, "training changed nothing"
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_sd3_export_reloads_exactly_in_its_pipeline(sd3_run, tiny_sd3, method):
+def test_export_reloads_exactly_in_the_family_pipeline(family_run, method):
     from fluxlora.export import read_metadata
-    from fluxlora.families import sd3
 
-    cfg, group = sd3_run
+    name, path, group = family_run
     arm = group.arm(method)
     assert not (arm.root / "adapter_comfyui.safetensors").exists()  # kohya keys are FLUX-only
-    assert read_metadata(arm.adapter_file)["family"] == "sd3"
-    pipe = sd3.load_pipeline(str(tiny_sd3))
+    assert read_metadata(arm.adapter_file)["family"] == name
+    family = FAMILIES[name]
+    pipe = family.load_pipeline(str(path))
     before = weights_hash(pipe.transformer)
-    pipe.load_lora_weights(str(arm.adapter_file))  # StableDiffusion3Pipeline's own loader
-    embeds, pooled = sd3.encode_prompts(pipe, [PROMPT], 24)
-    neg = sd3.encode_prompts(pipe, [""], 24)
-    img = sd3.generate(pipe, embeds, pooled, neg, seed=0, resolution=32, steps=2, guidance=3.0, true_cfg=1.0)
-    trained = image(arm.samples_dir / "step-000003" / "00.png")
-    assert np.abs(np.asarray(img).astype(int) - trained).max() <= 1
+    pipe.load_lora_weights(str(arm.adapter_file))  # the family pipeline's own loader
+    assert np.abs(generate(family, pipe) - image(arm.samples_dir / "step-000003" / "00.png")).max() <= 1
     assert weights_hash(pipe.transformer) == before
 
 
-def test_sd3_comfyui_export_is_refused_in_the_config(tiny_sd3, subject_dir, tmp_path):
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_comfyui_export_is_refused_in_the_config(tiny_pipelines, subject_dir, tmp_path, name):
     from fluxlora.config import ConfigError
 
-    with pytest.raises(ConfigError, match="not available for the sd3 family"):
-        tiny_config(tmp_path, tiny_sd3, subject_dir, model={"family": "sd3", "path": str(tiny_sd3)},
+    with pytest.raises(ConfigError, match=f"not available for the {name} family"):
+        tiny_config(tmp_path, tiny_pipelines(name), subject_dir, model={"family": name, "path": "x"},
                     export={"formats": ["diffusers", "comfyui"]})
+
+
+def test_family_specific_options_are_refused(subject_dir, tmp_path):
+    from fluxlora.config import ConfigError
+
+    cases = [({"family": "sdxl", "path": "x", "quantize": "int8"}, {}, "model.quantize int8 is for the transformer"),
+             ({"family": "sd15", "path": "x"}, {"loss_weighting": "cosmap"}, "is for flow matching"),
+             ({"family": "flux", "path": "x"}, {"loss_weighting": "min_snr"}, "min_snr is for the DDPM")]
+    for model, train, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(tmp_path, "x", subject_dir, model=model, train=train)
+
+
+def test_min_snr_weights_follow_the_schedule(tiny_pipelines):
+    family = FAMILIES["sdxl"]
+    bound = family.bind(family.load_pipeline(str(tiny_pipelines("sdxl"))))
+    import torch
+
+    u = torch.tensor([0.001, 0.5, 0.999])
+    a = bound.schedule["alphas"][bound._timesteps(u)]
+    snr = a / (1 - a)
+    expected = torch.clamp(snr, max=5.0) / snr  # epsilon prediction
+    torch.testing.assert_close(bound.loss_weights("min_snr", u), expected)
+    assert bound.loss_weights("min_snr", u)[0] < 1 and bound.loss_weights("none", u).tolist() == [1, 1, 1]
+
+
+def test_v_prediction_target():
+    import torch
+
+    from fluxlora.families.unet import UNetFamily
+
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    fam = UNetFamily("sd15", "StableDiffusionPipeline", xl=False, schedule=dict(alphas=alphas, prediction="v_prediction", vae=8))
+    x0, noise, u = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([0.25, 0.75])
+    xt, target = fam.noisy(x0, noise, u)
+    a = alphas[torch.tensor([250, 750])].view(-1, 1, 1, 1)
+    torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * x0)

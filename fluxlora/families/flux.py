@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 NAME = "flux"
+LORA_COMPONENT = "transformer"  # the pipeline component the adapters belong to (save/load_lora_weights)
 EXPORT_FORMATS = ("diffusers", "comfyui")
 TARGET_PRESETS = {
     # FLUX.1-dev: 19 double blocks x 4 + 38 single blocks x 3 = 190 Linear 3072x3072 layers.

@@ -22,6 +22,7 @@ from fluxlora.families.flux import (  # noqa: F401  (shared flow-matching math a
 )
 
 NAME = "sd3"
+LORA_COMPONENT = "transformer"
 TARGET_PRESETS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
     "attn_context": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",

@@ -75,3 +75,47 @@ def build_tiny_sd3(out: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(out)
     return out
+
+
+def _tiny_unet(cross_dim: int, xl: bool):
+    from diffusers import UNet2DConditionModel
+
+    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 32) if xl else {}
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), cross_attention_dim=cross_dim, norm_num_groups=16, use_linear_projection=xl,
+        **extra).eval()
+
+
+def build_tiny_unet_pipeline(out: Path, xl: bool, seed: int = 0) -> Path:
+    """A tiny random-weight StableDiffusionXLPipeline (xl) or StableDiffusionPipeline, written to ``out``."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    skeleton = out.with_name(out.name + "-parts")
+    build.write_clip_tokenizer(skeleton / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(skeleton / "tokenizer")
+    v = len(tok)
+    config = CLIPTextConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=build.CLIP_MAX_LENGTH, projection_dim=32,
+                            bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1)
+    torch.manual_seed(seed)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    vae = AutoencoderKL(**{**build.VAE_CONFIG, "block_out_channels": (32, 64),
+                           "down_block_types": ("DownEncoderBlock2D",) * 2,
+                           "up_block_types": ("UpDecoderBlock2D",) * 2}).eval()
+    if xl:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=CLIPTextModel(config).eval(), text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+            tokenizer=tok, tokenizer_2=tok, unet=_tiny_unet(64, xl=True), scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=CLIPTextModel(config).eval(), tokenizer=tok, unet=_tiny_unet(32, xl=False),
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
