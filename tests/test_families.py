@@ -117,3 +117,15 @@ def test_v_prediction_target():
     a = alphas[torch.tensor([250, 750])].view(-1, 1, 1, 1)
     torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * noise)
     torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * x0)
+
+
+def test_web_ui_generation_serves_every_family(family_run):
+    """The web UI's generator (one loaded base, adapters switched) reproduces the trained samples."""
+    from fluxlora.compare import AdapterBench
+
+    name, _, group = family_run
+    bench = AdapterBench(group.root)
+    for label, img in bench.side_by_side(PROMPT, 0, 2):
+        arm = group.arm("lora" if label == "base" else label)
+        step = "step-000000" if label == "base" else "step-000003"
+        assert np.abs(np.asarray(img).astype(int) - image(arm.samples_dir / step / "00.png")).max() <= 1, (name, label)
