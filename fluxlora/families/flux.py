@@ -183,17 +183,20 @@ def generate_many(pipe, embeds, pooled, neg, seeds: list[int], resolution: int, 
         kwargs = dict(negative_prompt_embeds=neg[0].expand(n, -1, -1).to(dev, dtype),
                       negative_pooled_prompt_embeds=neg[1].expand(n, -1).to(dev, dtype), true_cfg_scale=true_cfg)
     latents = torch.cat([initial_noise(s, c, h, w) for s in seeds]).to(dev, dtype)
-    # The pipeline runs where its first module (the VAE) lives; the VAE waits on the CPU during training
-    # (DESIGN decision 4), so it joins the transformer for sampling and goes back afterwards.
+    return call_pipeline(pipe, dev, prompt_embeds=embeds.to(dev, dtype), pooled_prompt_embeds=pooled.to(dev, dtype),
+                         latents=latents, height=resolution, width=resolution, num_inference_steps=steps,
+                         guidance_scale=guidance, **kwargs)
+
+
+def call_pipeline(pipe, device, **kwargs) -> list:
+    """PIL images from the pipeline. It runs where its first module (the VAE) lives; the VAE waits on the
+    CPU during training (DESIGN decision 4), so it joins the denoiser for sampling and goes back after."""
     vae_device = pipe.vae.device
-    pipe.vae.to(dev)
+    pipe.vae.to(device)
     try:
-        out = pipe(prompt_embeds=embeds.to(dev, dtype), pooled_prompt_embeds=pooled.to(dev, dtype),
-                   latents=latents, height=resolution, width=resolution, num_inference_steps=steps,
-                   guidance_scale=guidance, output_type="pil", **kwargs)
+        return pipe(output_type="pil", **kwargs).images
     finally:
         pipe.vae.to(vae_device)
-    return out.images
 
 
 def generate(pipe, embeds, pooled, neg, seed: int, resolution: int, steps: int, guidance: float,

@@ -13,6 +13,7 @@ import torch
 from fluxlora.families.flux import (  # noqa: F401  (shared flow-matching math and path handling)
     DTYPES,
     ModelLoadError,
+    call_pipeline,
     encode_images,
     loss_weights,
     noisy,
@@ -116,15 +117,9 @@ def generate_many(pipe, embeds, pooled, neg, seeds: list[int], resolution: int, 
         kwargs = dict(negative_prompt_embeds=neg[0].expand(n, -1, -1).to(dev, dtype),
                       negative_pooled_prompt_embeds=neg[1].expand(n, -1).to(dev, dtype))
     latents = torch.cat([initial_noise(s, c, h, w) for s in seeds]).to(dev, dtype)
-    vae_device = pipe.vae.device
-    pipe.vae.to(dev)
-    try:
-        out = pipe(prompt_embeds=embeds.to(dev, dtype), pooled_prompt_embeds=pooled.to(dev, dtype),
-                   latents=latents, height=resolution, width=resolution, num_inference_steps=steps,
-                   guidance_scale=guidance, output_type="pil", **kwargs)
-    finally:
-        pipe.vae.to(vae_device)
-    return out.images
+    return call_pipeline(pipe, dev, prompt_embeds=embeds.to(dev, dtype), pooled_prompt_embeds=pooled.to(dev, dtype),
+                         latents=latents, height=resolution, width=resolution, num_inference_steps=steps,
+                         guidance_scale=guidance, **kwargs)
 
 
 def generate(pipe, embeds, pooled, neg, seed: int, resolution: int, steps: int, guidance: float,

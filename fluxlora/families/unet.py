@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from fluxlora.families.flux import DTYPES, ModelLoadError, resolve_path
+from fluxlora.families.flux import DTYPES, ModelLoadError, call_pipeline, resolve_path
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -155,14 +155,8 @@ class UNetFamily:
         if self.xl:
             kwargs["pooled_prompt_embeds"] = pooled.to(dev, dtype)
         latents = torch.cat([self.initial_noise(s, c, h, w) for s in seeds]).to(dev, dtype)
-        vae_device = pipe.vae.device
-        pipe.vae.to(dev)
-        try:
-            out = pipe(latents=latents, height=resolution, width=resolution, num_inference_steps=steps,
-                       guidance_scale=guidance, output_type="pil", **kwargs)
-        finally:
-            pipe.vae.to(vae_device)
-        return out.images
+        return call_pipeline(pipe, dev, latents=latents, height=resolution, width=resolution,
+                             num_inference_steps=steps, guidance_scale=guidance, **kwargs)
 
     def generate(self, pipe, embeds, pooled, neg, seed: int, resolution: int, steps: int, guidance: float,
                  true_cfg: float):
