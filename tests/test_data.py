@@ -5,6 +5,10 @@ from __future__ import annotations
 import codecs
 import os
 import random
+import signal
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -397,3 +401,107 @@ def test_hflip():
     assert f.shape == t.shape and torch.equal(f[:, :, 0], t[:, :, -1]) and torch.equal(hflip(f), t)
     left = prepare_image(_thirds((30, 30)), 30)
     assert left[0, 0, 0] == 1.0 and hflip(left)[2, 0, 0] == 1.0  # red left edge -> blue left edge
+
+
+# ------------------------------------------------------------------------------------------ more fixtures
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid PNG signature + IHDR claiming ``width`` x ``height``, one tiny IDAT: a few hundred bytes
+    that would decode to hundreds of megabytes (what a decompression bomb looks like from outside)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("size,reason", [((9000, 8000), "too many pixels (9000x8000"),  # our header guard
+                                          ((20000, 20000), "possible decompression bomb (")])  # PIL's own
+def test_real_bomb_file_skipped_from_its_header(tmp_path, size, reason):
+    _png_header_only(tmp_path / "bomb.png", *size)
+    line = _assert_skipped(tmp_path, "bomb.png", reason)
+    assert "fix: downscale it" in line
+
+
+def test_fifo_named_like_an_image_does_not_hang(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("scanning blocked on a FIFO"))
+    signal.alarm(5)
+    try:
+        _assert_skipped(tmp_path, "pipe.png", "not a regular file")
+    finally:
+        signal.alarm(0)
+
+
+def test_malformed_exif_keeps_the_image_as_stored(tmp_path):
+    img = _noise((60, 40), seed=11)
+    _save(img, tmp_path / "bad_orientation.jpg", quality=95,  # orientation 9 does not exist
+          exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x09\x00\x00")
+    _save(img.transpose(Image.Transpose.ROTATE_90), tmp_path / "garbage.jpg", exif=b"Exif\x00\x00garbage!!")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL says "Corrupt EXIF data" on its own
+        by_name, lines = _scan(tmp_path)
+    assert by_name["bad_orientation.jpg"].image.size == (60, 40) and by_name["garbage.jpg"].image.size == (40, 60)
+    assert lines == []
+
+
+def test_exif_that_cannot_be_applied_gives_a_note(tmp_path, monkeypatch):
+    def broken(img):
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr(data.ImageOps, "exif_transpose", broken)
+    _save(_noise((60, 40)), tmp_path / "x.jpg")
+    by_name, lines = _scan(tmp_path)
+    assert by_name["x.jpg"].image.size == (60, 40)
+    assert lines == [f"{tmp_path / 'x.jpg'}: EXIF orientation unreadable (not a TIFF file), used as stored"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-32", "utf-32-le", "utf-32-be"])
+def test_utf32_captions_with_bom(tmp_path, encoding):
+    bom = {"utf-32": b"", "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}[encoding]
+    _save(_noise(), tmp_path / "x.png")
+    (tmp_path / "x.txt").write_bytes(bom + "sks café".encode(encoding))
+    by_name, lines = _scan(tmp_path, None)
+    assert by_name["x.png"].caption == "sks café" and lines == []
+
+
+def test_unreadable_caption_falls_back_or_is_refused(tmp_path):
+    _save(_noise(), tmp_path / "x.png")
+    os.symlink(tmp_path / "x.txt", tmp_path / "x.txt")  # reading it fails: a symlink loop
+    by_name, lines = _scan(tmp_path)
+    assert by_name["x.png"].caption == PROMPT
+    assert lines == [f"{tmp_path / 'x.txt'}: caption unreadable: symlink loop -> fix: replace the link with "
+                     "the real file; using data.instance_prompt instead"]
+    with pytest.raises(DataError, match=r"x.png \(caption unreadable: symlink loop"):
+        scan_folder(tmp_path, None)
+
+
+def test_duplicates_across_formats_and_modes(tmp_path):
+    # Same pixels after conversion count as duplicates: a PNG and its lossless WebP copy; an L image and
+    # the same picture stored as RGB. Near-identical pixels (one value off) do not.
+    img = _noise(seed=21)
+    _save(img, tmp_path / "a.png")
+    _save(img, tmp_path / "b.webp", lossless=True)
+    gray = Image.new("L", (50, 50), 90)
+    _save(gray, tmp_path / "c.png")
+    _save(gray.convert("RGB"), tmp_path / "d.bmp")
+    near = np.asarray(img).copy()
+    near[0, 0, 0] ^= 1
+    _save(Image.fromarray(near), tmp_path / "e.png")
+    by_name, lines = _scan(tmp_path)
+    assert list(by_name) == ["a.png", "c.png", "e.png"]
+    assert lines == [f"{tmp_path / 'b.webp'}: skipped: exact duplicate of a.png",
+                     f"{tmp_path / 'd.bmp'}: skipped: exact duplicate of c.png"]
+
+
+@pytest.mark.parametrize("mode,key", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_trns_colour_key_becomes_white(tmp_path, mode, key):
+    img = Image.new(mode, (40, 40), key)  # the keyed colour (black) is transparent
+    img.paste((0, 0, 200) if mode == "RGB" else 120, (0, 0, 20, 40))
+    _save(img, tmp_path / "k.png", transparency=key)
+    s = _scan(tmp_path)[0]["k.png"]
+    assert s.image.getpixel((30, 5)) == (255, 255, 255)
+    assert s.image.getpixel((5, 5)) == ((0, 0, 200) if mode == "RGB" else (120, 120, 120))
