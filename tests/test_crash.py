@@ -208,3 +208,84 @@ def test_ctrl_c_right_after_an_update_resumes_exactly(tmp_path, tiny_flux, subje
     monkeypatch.setattr(T, "make_optimizer", real)
     run(cut, resume=True, warn=lambda m: None)
     assert_same_adapter(tmp_path / "runs/full/lora/adapter.safetensors", tmp_path / "runs/cut/lora/adapter.safetensors")
+
+
+def test_failed_export_write_keeps_the_checkpoint_and_the_previous_file(tmp_path, tiny_flux, subject_dir,
+                                                                        monkeypatch):
+    import errno
+
+    import fluxlora.export as E
+    from conftest import tiny_config
+    from fluxlora import commands
+    from fluxlora.runner import run
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = E.save_file
+    monkeypatch.setattr(E, "save_file", disk_full)
+    result = run(tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 2}), warn=lambda m: None)[0]
+    root = tmp_path / "runs" / "tiny"
+    assert "No space left on device" in result["error"] and "the final checkpoint is kept" in result["error"]
+    assert f"fluxlora export {root}" in result["error"]
+    arm = GroupDir(root).arm("lora")
+    assert arm.status()["status"] == "failed" and [p.name for p in arm.checkpoints()] == ["step-000002"]
+    assert sorted(p.name for p in arm.root.iterdir()) == ["checkpoints", "init.json", "metrics.jsonl", "samples",
+                                                         "status.json"]  # no half-written or temp file
+    monkeypatch.setattr(E, "save_file", real)
+    assert commands.export(root, None) == 0  # the way out the message names
+    written = {p.name: p.read_bytes() for p in arm.root.glob("*.safetensors")}
+    assert set(written) == {"adapter.safetensors", "adapter_comfyui.safetensors"}
+    run(tiny_config(tmp_path, tiny_flux, subject_dir, name="ok", train={"steps": 2}), warn=lambda m: None)
+    assert_same_adapter(tmp_path / "runs/ok/lora/adapter.safetensors", arm.adapter_file)
+    monkeypatch.setattr(E, "save_file", disk_full)  # a failing re-export leaves the previous files whole
+    with pytest.raises(OSError):
+        commands.export(root, None)
+    assert {p.name: p.read_bytes() for p in arm.root.glob("*.safetensors")} == written
+    assert not [p for p in arm.root.iterdir() if p.name.startswith(".export-")]
+
+
+def _nan_on(calls: set, monkeypatch) -> None:
+    """loss_step returns a NaN loss on the given (1-based) calls; gradients become NaN too."""
+    import fluxlora.train as T
+
+    real, n = T.loss_step, [0]
+
+    def poisoned(*args, **kwargs):
+        loss, rec = real(*args, **kwargs)
+        n[0] += 1
+        return (loss * float("nan") if n[0] in calls else loss), rec
+
+    monkeypatch.setattr(T, "loss_step", poisoned)
+
+
+def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, tiny_flux, subject_dir, monkeypatch):
+    from conftest import tiny_config
+    from fluxlora.runner import run
+
+    _nan_on({2}, monkeypatch)
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 3, "max_bad_steps": 2, "checkpoint_every": 1})
+    result = run(cfg, warn=lambda m: None)[0]
+    assert "error" not in result, result
+    arm = GroupDir(tmp_path / "runs" / "tiny").arm("lora")
+    assert [(r["step"], r.get("skipped", False)) for r in arm.metrics()] == [(1, False), (2, True), (3, False)]
+    assert [p.name for p in arm.checkpoints()] == ["step-000001", "step-000003"]  # none of the bad step
+    tensors = load_file(str(arm.adapter_file))  # NaN gradients applied would have made every weight NaN
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_nonfinite_stop_names_step_and_causes_and_keeps_checkpoint_and_samples(tmp_path, tiny_flux, subject_dir,
+                                                                               monkeypatch):
+    from conftest import tiny_config
+    from fluxlora.runner import run
+
+    _nan_on(set(range(2, 100)), monkeypatch)
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 6, "max_bad_steps": 3, "checkpoint_every": 1},
+                      sample={"every": 1})
+    error = run(cfg, warn=lambda m: None)[0]["error"]
+    assert "not finite for 3 consecutive steps (last at step 4)" in error
+    assert "train.lr" in error and "fp16" in error and "--resume" in error
+    arm = GroupDir(tmp_path / "runs" / "tiny").arm("lora")
+    assert arm.status()["status"] == "failed" and [p.name for p in arm.checkpoints()] == ["step-000001"]
+    load_file(str(arm.checkpoints()[0] / "adapter.safetensors"))
+    assert sorted(p.name for p in arm.samples_dir.iterdir()) == ["step-000000", "step-000001"]
