@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import inspect
 import os
 import random
 import signal
@@ -505,3 +506,13 @@ def test_trns_colour_key_becomes_white(tmp_path, mode, key):
     s = _scan(tmp_path)[0]["k.png"]
     assert s.image.getpixel((30, 5)) == (255, 255, 255)
     assert s.image.getpixel((5, 5)) == ((0, 0, 200) if mode == "RGB" else (120, 120, 120))
+
+
+def test_readme_table_states_the_limits_the_code_uses():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Input images", 1)[1].split("\n## ", 1)[0]
+    min_size = inspect.signature(scan_folder).parameters["min_size"].default
+    assert f"shorter side < {min_size} px" in section
+    assert f"aspect ratio > {data.MAX_ASPECT:g}:1" in section
+    assert f"more than {data.MAX_PIXELS // 2**20} Mi pixels" in section
+    assert all(ext in section for ext in data.IMAGE_EXTS)
