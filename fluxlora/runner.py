@@ -20,6 +20,7 @@ class RunError(Exception):
 
 
 LOCK = ".lock"
+GUARD_STALE_S = 2.0
 
 
 def _alive(pid: int) -> bool:
@@ -62,8 +63,8 @@ def _take_over(lock: Path, stale: int) -> bool:
     the same stale lock only one does; False: someone else got there first (look again)."""
     guard = lock.with_name(LOCK + ".takeover")
     if not _create(guard, os.getpid()):
-        with contextlib.suppress(OSError):  # a guard left by a process killed inside this function
-            if time.time() - guard.stat().st_mtime > 10:
+        with contextlib.suppress(OSError):  # held for milliseconds: an older one was left by a killed process
+            if time.time() - guard.stat().st_mtime > GUARD_STALE_S:
                 guard.unlink()
         return False
     try:
@@ -96,7 +97,7 @@ def acquire_lock(root: Path, warn=print) -> Path:
             warn(f"taking over the stale lock of {root} "
                  + (f"(pid {pid} is gone)" if pid else "(it names no process)"))
             return lock
-        time.sleep(0.01)
+        time.sleep(0.05)  # 100 tries: longer than GUARD_STALE_S
     raise RunError(f"could not lock {root}: its lock file keeps changing -> fix: make sure no other training "
                    f"uses this folder, then delete {lock}")
 

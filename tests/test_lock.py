@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -81,3 +82,15 @@ def test_live_holder_refused_dead_or_garbage_taken_over(tmp_path):
         notes.clear()
         acquire_lock(tmp_path, warn=notes.append)
         assert lock.read_text() == str(os.getpid()) and "names no process" in notes[0]
+
+
+def test_guard_left_by_a_killed_takeover_does_not_block_for_long(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / LOCK).write_text(dead)
+    guard = tmp_path / (LOCK + ".takeover")
+    guard.write_text(dead)  # a process killed in the middle of taking over
+    t0 = time.monotonic()
+    acquire_lock(tmp_path, warn=lambda m: None)
+    assert (tmp_path / LOCK).read_text() == str(os.getpid()) and not guard.exists()
+    assert 1.5 < time.monotonic() - t0 < 5  # waited for the guard to count as abandoned, not longer
