@@ -100,6 +100,12 @@ def test_step_slider_moves_every_row(page):
     labels = pg.locator("#step-grid").inner_text()
     assert "lora · step 2" in labels and "loram · step 2" in labels
     pg.screenshot(path=str(ARTIFACTS / "steps-2.png"), full_page=True)
+    shown = pg.locator("#step-grid img").count()
+    pg.locator("#step-grid img").first.click()  # enlarges: the preview adds the large image + thumbnails
+    pg.wait_for_function(f"() => document.querySelectorAll('#step-grid img').length > {shown}")
+    pg.screenshot(path=str(ARTIFACTS / "enlarged.png"))
+    pg.keyboard.press("Escape")
+    pg.wait_for_function(f"() => document.querySelectorAll('#step-grid img').length === {shown}")
     pg.locator("#play-btn").click()  # plays 2 -> 4 -> 0 (wraps), one step per second
     pg.wait_for_function("() => document.querySelector('#grid-caption').innerText.includes('step 0')")
     pg.locator("#play-btn").click()

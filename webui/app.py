@@ -128,10 +128,10 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
         demo.load(h.select_group, pick, group_outputs)
         table.select(h.pick_row, None, pick)
         refresh.click(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs)
-        slider.release(h.move_step, [pick, slider], [grid, grid, caption])
-        slider.input(h.move_step, [pick, slider], [grid, grid, caption], trigger_mode="always_last")
+        # one event for every way the step changes: dragging, typing, the play timer, a new group
+        slider.change(h.move_step, [pick, slider], [grid, grid, caption], trigger_mode="always_last")
         play.click(h.play, playing, [playing, player, play])
-        player.tick(h.tick_play, [pick, slider], slider).then(h.move_step, [pick, slider], [grid, grid, caption])
+        player.tick(h.tick_play, [pick, slider], slider)
         live.tick(h.refresh_groups, pick, [table, pick], show_progress="hidden")
         live.tick(h.launch_progress, launched, [l_status, l_log], show_progress="hidden")
         g_go.click(h.generate, [pick, g_prompt, g_seed, g_steps, g_base], g_out, concurrency_limit=1)
