@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -237,10 +240,11 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
                 continue
             bad = 0
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1  # only now is the step complete (an interrupt before this re-does it)
+            with interrupts_deferred():  # the update and the step count change together
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
             if done % t.log_every == 0 or done == t.steps:
                 log({"step": done, "loss": loss_total, "lr": lr_scheduler.get_last_lr()[0],
                                  "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0,
@@ -255,8 +259,9 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
                 last_status = time.monotonic()
     except KeyboardInterrupt:
         # First Ctrl-C: keep the work done so far (a second one during the save aborts it). A step cut
-        # short is redone on resume, so its random draws are rewound.
-        gen.set_state(gen_state)
+        # short (no update applied) is redone on resume, so its random draws are rewound.
+        if done <= step:
+            gen.set_state(gen_state)
         optimizer.zero_grad(set_to_none=True)
         save_checkpoint(prep, arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
         raise
@@ -272,6 +277,23 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
         raise TrainingStopped(f"could not write {arm.adapter_file}: {e} -> the final checkpoint is kept; "
                               f"free disk space and run: fluxlora export {arm.root.parent}") from e
     return summarize(arm, info, time.perf_counter() - t_start, prep.device)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """A Ctrl-C (SIGINT) arriving inside the block is raised when the block ends, so an optimizer update
+    is never saved under the previous step's number (resume would apply it twice)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if pending:
+            raise KeyboardInterrupt
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:

@@ -174,9 +174,6 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resume_matches(tmp_path, tiny_f
     assert arm.status()["status"] == "done"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug in fluxlora/train.py: a Ctrl-C that lands after optimizer.step() "
-                   "but before `done = step + 1` saves the updated weights under the previous step, so --resume "
-                   "applies that step twice. Fix: defer SIGINT over the update (or stop at step boundaries)")
 def test_ctrl_c_right_after_an_update_resumes_exactly(tmp_path, tiny_flux, subject_dir, monkeypatch):
     import types
 
