@@ -51,10 +51,20 @@ def scale_for(rank: int, alpha: float, scaling: str, coefficient: float) -> floa
     raise AdapterError(f"unknown adapter.scaling {scaling!r}; valid: standard, rslora, lora_alpha")
 
 
-def find_targets(model: nn.Module, suffixes: list[str]) -> list[str]:
-    """Full names of the nn.Linear modules whose name ends with one of ``suffixes``."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(n == s or n.endswith("." + s) for s in suffixes)]
+def find_targets(model: nn.Module, suffixes: list[str], blocks_only: bool = False) -> list[str]:
+    """Full names of the nn.Linear modules whose name ends with one of ``suffixes`` (``blocks_only``: inside
+    the transformer / UNet blocks, as the presets mean). Convolutions are refused: the init methods
+    decompose 2-D weight matrices, and a conv layer is out of scope for every method."""
+    def wanted(n: str) -> bool:
+        inside = not blocks_only or "blocks." in n
+        return inside and any(n == s or n.endswith("." + s) for s in suffixes)
+
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and wanted(n)]
+    if convs:
+        raise AdapterError(f"adapter targets {convs[:4]} are convolution layers; fluxlora adapts Linear layers "
+                           "only (PiSSA, LoRAM and the other inits decompose 2-D weight matrices) -> fix: remove "
+                           "them from adapter.target_modules")
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and wanted(n)]
     if not names:
         raise AdapterError(f"no Linear layer of the model matches adapter targets {suffixes} -> fix: "
                            "use a preset (attn, attn_context, wide) or module-name suffixes such as to_q")

@@ -81,7 +81,8 @@ def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = No
         if ckpt is None:
             raise RunError(f"arm {name} of {run_dir} has no complete checkpoint to export from")
         scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
-        targets = adapters.find_targets(model, a.target_modules or family.TARGET_PRESETS[a.targets])
+        targets = adapters.find_targets(model, a.target_modules or family.TARGET_PRESETS[a.targets],
+                                        blocks_only=not a.target_modules)
         info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True)
         exact_rank = a.rank * (2 if info.has_offset else 1)
         if rank is not None and exact_rank <= rank:

@@ -174,7 +174,8 @@ def check_arm(prep: Prepared, cfg, method: str):
     """-> (target module names, the adapter.init_from file or None), refusing what cannot work before any
     training: a file that does not fit the arm, or targets the configured export formats cannot hold."""
     a, model = cfg.adapter, prep.pipe.transformer
-    targets = adapters.find_targets(model, a.target_modules or prep.family.TARGET_PRESETS[a.targets])
+    targets = adapters.find_targets(model, a.target_modules or prep.family.TARGET_PRESETS[a.targets],
+                                    blocks_only=not a.target_modules)
     export.check_formats(cfg.export.formats, targets)
     if a.init_from is None:
         return targets, None

@@ -129,3 +129,17 @@ def test_web_ui_generation_serves_every_family(family_run):
         arm = group.arm("lora" if label == "base" else label)
         step = "step-000000" if label == "base" else "step-000003"
         assert np.abs(np.asarray(img).astype(int) - image(arm.samples_dir / step / "00.png")).max() <= 1, (name, label)
+
+
+def test_conv_targets_are_refused_and_presets_stay_inside_the_blocks(tiny_pipelines, tiny_flux):
+    from fluxlora import adapters
+    from fluxlora.families import flux
+
+    unet = FAMILIES["sd15"].load_pipeline(str(tiny_pipelines("sd15"))).transformer
+    with pytest.raises(adapters.AdapterError, match="convolution layers.*Linear layers only"):
+        adapters.find_targets(unet, ["to_q", "conv1"])
+    assert adapters.find_targets(unet, FAMILIES["sd15"].TARGET_PRESETS["wide"], blocks_only=True)
+    model = flux.load_pipeline(str(tiny_flux)).transformer
+    wide = adapters.find_targets(model, flux.TARGET_PRESETS["wide"], blocks_only=True)
+    assert "proj_out" not in wide and "single_transformer_blocks.0.proj_out" in wide  # not the final layer
+    assert "proj_out" in adapters.find_targets(model, ["proj_out"])  # named explicitly: allowed

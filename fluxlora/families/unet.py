@@ -26,8 +26,7 @@ ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 class UNetFamily:
     LORA_COMPONENT = "unet"
     EXPORT_FORMATS = ("diffusers",)
-    TARGET_PRESETS = {"attn": ATTN, "attn_context": ATTN, "wide": ATTN + ["ff.net.0.proj", "ff.net.2", "proj_in",
-                                                                          "proj_out"]}
+    TARGET_PRESETS = {"attn": ATTN, "attn_context": ATTN, "wide": ATTN + ["ff.net.0.proj", "ff.net.2"]}
 
     def __init__(self, name: str, pipeline: str, xl: bool, schedule=None):
         self.NAME, self._pipeline, self.xl, self.schedule = name, pipeline, xl, schedule
