@@ -143,3 +143,23 @@ def test_conv_targets_are_refused_and_presets_stay_inside_the_blocks(tiny_pipeli
     wide = adapters.find_targets(model, flux.TARGET_PRESETS["wide"], blocks_only=True)
     assert "proj_out" not in wide and "single_transformer_blocks.0.proj_out" in wide  # not the final layer
     assert "proj_out" in adapters.find_targets(model, ["proj_out"])  # named explicitly: allowed
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_other_init_method_trains_on_every_family(name, tiny_pipelines, subject_dir, tmp_path):
+    """The remaining registered inits: 2 steps each, step 0 equal to the base, a readable export."""
+    from fluxlora.config import KNOWN_INITS
+
+    others = [m for m in KNOWN_INITS if m not in METHODS and m != "lora_sb"]  # LoRA-SB: its own tests
+    path = tiny_pipelines(name)
+    cfg = tiny_config(tmp_path, path, subject_dir, model={"family": name, "path": str(path),
+                                                           "max_sequence_length": MAX_LEN[name]},
+                      adapter={"init": others, "rank": 4}, train={"steps": 2, "lr": 1.0e-2},
+                      sample={"every": 0, "steps": 2, "seeds": [0], "prompts": [PROMPT], "guidance": 3.0})
+    results = run(cfg, warn=lambda m: None)
+    assert [r.get("error") for r in results] == [None] * len(others)
+    group = GroupDir(tmp_path / "runs" / "tiny")
+    first = image(group.arm(others[0]).samples_dir / "step-000000" / "00.png")
+    for arm in group.arms():
+        assert np.abs(image(arm.samples_dir / "step-000000" / "00.png") - first).max() <= 1, arm.name
+        assert arm.adapter_file.is_file()
