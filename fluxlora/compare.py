@@ -26,8 +26,12 @@ class AdapterBench:
         self.family = FAMILIES[cfg.model.family]
         self.pipe = self.family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision,
                                               cfg.model.quantize)
-        if device:
-            self.pipe.to(device)
+        import torch
+
+        # On a GPU machine the denoiser lives there; the text encoders visit only to encode a prompt and
+        # the VAE only to decode (the same placement as training, DESIGN decision 4).
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.pipe.transformer.to(self.device)
         self.max_len = cfg.model.max_sequence_length or self.family.default_max_sequence_length(cfg.model.path)
         self.loaded: dict[str, str] = {}  # arm -> adapter name inside the pipeline
         self._negative = None
@@ -53,10 +57,13 @@ class AdapterBench:
         """One image (PIL) of ``prompt`` at ``seed`` with ``arm``'s adapter (None or 'base': no adapter),
         at the run's sampling settings."""
         self._activate(arm)
-        embeds, pooled = self.family.encode_prompts(self.pipe, [prompt], self.max_len)
+        from fluxlora.prepare import on_device
+
         s = self.cfg.sample
-        if self._negative is None:
-            self._negative = self.family.encode_prompts(self.pipe, [s.negative_prompt], self.max_len)
+        with on_device(self.device, *self.family.text_encoders(self.pipe)):
+            embeds, pooled = self.family.encode_prompts(self.pipe, [prompt], self.max_len)
+            if self._negative is None:
+                self._negative = self.family.encode_prompts(self.pipe, [s.negative_prompt], self.max_len)
         return self.family.generate(self.pipe, embeds, pooled, self._negative, seed,
                                     s.resolution or self.cfg.data.resolution, steps or s.steps, s.guidance, s.true_cfg)
 
