@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fluxlora import inits
+from fluxlora import inits, lora_sb
 
 SUBJECT, OFFSET = "subject", "offset"
 
@@ -95,12 +95,17 @@ def lora_config(rank: int, scale: float, targets: list[str], dropout: float):
 
 
 def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list[str], *,
-           dropout: float = 0.0, seed: int = 0, niter: int = 4, skip_init: bool = False) -> AdapterInfo:
+           dropout: float = 0.0, seed: int = 0, niter: int = 4, skip_init: bool = False,
+           sb_gradients=None, sb_lr: float = 1.0) -> AdapterInfo:
     """Add the trainable "subject" adapter (and the frozen "offset" when B0 A0 != 0) and initialize it.
 
-    ``skip_init`` only builds the structure (resume loads the saved tensors right after)."""
+    ``skip_init`` only builds the structure (resume loads the saved tensors right after). lora_sb
+    takes ``sb_gradients()`` (-> {target: summed dL/dW}) and the first-step LR ``sb_lr``; its scale is 1."""
+    if method == lora_sb.METHOD:
+        return _inject_sb(model, rank, targets, dropout, seed, skip_init, sb_gradients, sb_lr)
     if method not in inits.INITS:
-        raise AdapterError(f"unknown adapter.init {method!r}; valid: {', '.join(sorted(inits.INITS))}")
+        valid = sorted([*inits.INITS, lora_sb.METHOD])
+        raise AdapterError(f"unknown adapter.init {method!r}; valid: {', '.join(valid)}")
     has_offset = method not in inits.ZERO_PRODUCT
     model.add_adapter(lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
     if has_offset:
@@ -120,6 +125,42 @@ def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list
     _freeze_all_but_subject(model)
     info.trainable_params = sum(p.numel() for p in trainable_parameters(model))
     return info
+
+
+def _inject_sb(model, rank, targets, dropout, seed, skip_init, sb_gradients, sb_lr) -> AdapterInfo:
+    """LoRA-SB (lora_sb.py): the estimation pass on the pristine base, then the wrapped layers."""
+    info = AdapterInfo(lora_sb.METHOD, rank, lora_sb.SCALE, targets, has_offset=False)
+    t0 = time.perf_counter()
+    grads = None if skip_init else sb_gradients()
+    lora_sb.attach(model, targets, rank, dropout)
+    if grads is not None:
+        try:
+            info.layers = lora_sb.initialize(model, grads, rank, sb_lr, seed)
+        except inits.InitError as e:
+            lora_sb.detach(model, targets)
+            raise AdapterError(str(e)) from e
+        info.init_seconds = time.perf_counter() - t0
+    lora_sb.set_trainable(model)
+    info.trainable_params = sum(p.numel() for p in trainable_parameters(model))
+    return info
+
+
+def check_lora_sb(images: int, sb_batches: int, batch_size: int, init_from) -> None:
+    """LoRA-SB averages its first-step estimate over a subset of the training data, each sample once
+    (paper Eq. (7)): the first sb_batches micro-batches must hold distinct subject images (the first
+    epoch's order), else some images would weigh twice in the init direction."""
+    need = sb_batches * batch_size
+    if need > images:
+        fix = (f"set adapter.sb_batches <= {images // batch_size}" if images >= batch_size else
+               f"set train.batch_size <= {images} and adapter.sb_batches <= {images}")
+        raise AdapterError(
+            f"adapter.init lora_sb estimates its first step from adapter.sb_batches x train.batch_size = "
+            f"{sb_batches} x {batch_size} = {need} distinct subject images, but data.instance_dir has {images} "
+            f"-> fix: {fix}, or add images")
+    if init_from is not None:
+        raise AdapterError("adapter.init_from cannot start a lora_sb arm: LoRA-SB builds its frozen "
+                                    "bases from the data's first-step gradient -> fix: drop adapter.init_from "
+                                    "or train that file with another init")
 
 
 @torch.no_grad()
@@ -177,16 +218,23 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 def remove(model: nn.Module, info: AdapterInfo) -> None:
     """Take the arm's adapters out, restoring the original modules: the pristine base for the next arm."""
-    model.unload_lora()
+    if info.method == lora_sb.METHOD:
+        lora_sb.detach(model, info.targets)
+    else:
+        model.unload_lora()
 
 
 @torch.no_grad()
 def export_factors(model: nn.Module, info: AdapterInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module: (A', B')} in fp32 on the CPU with the exact delta s B' A' = s (B A - B0 A0) against the
-    pristine base: A' = [A; A0], B' = [B, -B0] (rank 2r) when there is an offset."""
+    pristine base: A' = [A; A0], B' = [B, -B0] (rank 2r) when there is an offset; (A, B R) for lora_sb."""
     out = {}
     for name in info.targets:
         layer = model.get_submodule(name)
+        if info.method == lora_sb.METHOD:  # the whole delta B R A as (A, B R), rank r
+            a, b = lora_sb.export_factors(layer)
+            out[name] = (a.cpu().contiguous(), b.cpu().contiguous())
+            continue
         a, b = layer.lora_A[SUBJECT].weight.float(), layer.lora_B[SUBJECT].weight.float()
         if info.has_offset:
             a = torch.cat([a, layer.lora_A[OFFSET].weight.float()], dim=0)

@@ -18,7 +18,7 @@ from fluxlora.yamlsafe import YamlProblem, load_yaml
 KNOWN_FAMILIES = ("flux", "sd3", "sdxl", "sd15")
 EXPORT_FORMATS = {"flux": ["diffusers", "comfyui"]}  # kohya keys exist for FLUX only; others: diffusers
 FLOW_FAMILIES = ("flux", "sd3")  # flow matching; sdxl / sd15 train the DDPM objective
-KNOWN_INITS = ("lora", "lora_gaussian", "pissa", "pissa_fast", "loram", "olora", "milora")
+KNOWN_INITS = ("lora", "lora_gaussian", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb")
 
 
 def _number(v: Any) -> Any:
@@ -97,6 +97,8 @@ class AdapterConfig(Section):
     alpha_coefficient: Float = Field(16.0, gt=0, description="C of the lora_alpha rule: s = C/sqrt(r)")
     lr_ratio_b: Float = Field(1.0, gt=0, description="LoRA+ ratio of B's learning rate")
     pissa_niter: int = Field(4, ge=0, description="subspace iterations of pissa_fast")
+    sb_batches: int = Field(3, ge=1, description="lora_sb: micro-batches of train.batch_size whose loss gradient "
+                            "gives the first-step estimate; each subject image is used at most once")
     init_from: str | None = Field(None, description="continue from this LoRA .safetensors (ours, diffusers or "
                                   "kohya/ComfyUI keys); its rank and modules must match the arm's")
     overrides: dict[str, ArmOverride] = Field(default_factory=dict,

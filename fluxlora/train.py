@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, checkpoint, distributed, export, inits, lorafile, sampling
+from fluxlora import adapters, checkpoint, distributed, export, inits, lora_sb, lorafile, sampling
 from fluxlora.prepare import Prepared
 from fluxlora.rundir import ArmDir, write_json
 
@@ -156,7 +156,9 @@ def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
     targets, start_file = check_arm(prep, cfg, method)
     resume_from = checkpoint.find(arm, t.resume)
     info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed,
-                           niter=a.pissa_niter, skip_init=resume_from is not None or start_file is not None)
+                           niter=a.pissa_niter, skip_init=resume_from is not None or start_file is not None,
+                           sb_gradients=functools.partial(sb_gradients, prep, cfg, targets),
+                           sb_lr=t.lr / max(1, t.warmup_steps))  # lora_sb's eta1: the first non-zero LR
     if start_file is not None and resume_from is None:
         adapters.load_factors(model, info, start_file.layers, start_file.offset)
         info.init_from = str(start_file.path)
@@ -177,12 +179,35 @@ def check_arm(prep: Prepared, cfg, method: str):
     targets = adapters.find_targets(model, a.target_modules or prep.family.TARGET_PRESETS[a.targets],
                                     blocks_only=not a.target_modules)
     export.check_formats(cfg.export.formats, targets)
+    if method == lora_sb.METHOD:
+        adapters.check_lora_sb(prep.stats["images"], a.sb_batches, cfg.train.batch_size, a.init_from)
     if a.init_from is None:
         return targets, None
     out_features = adapters.linear_out_features(model)
     start_file = lorafile.read(a.init_from, out_features)
     lorafile.check(start_file, a.rank, targets, method not in inits.ZERO_PRODUCT, method, list(out_features))
     return targets, start_file
+
+
+def sb_gradients(prep: Prepared, cfg, targets: list[str]) -> dict[str, torch.Tensor]:
+    """LoRA-SB's estimation pass (METHODS.md 3.2 step 1): the training loss's gradient wrt every target
+    weight, summed over adapter.sb_batches micro-batches. They are the micro-batches training starts with
+    (same make_batch / loss_step, a generator seeded like training's): the same images, noise and sigmas."""
+    t, model = cfg.train, prep.pipe.transformer
+    gen, was_training = torch.Generator().manual_seed(t.seed), model.training
+    model.train()
+    with lora_sb.weight_gradients(model, targets) as grads:
+        for micro in range(cfg.adapter.sb_batches):
+            batch = make_batch(prep, micro, t.batch_size, t.seed, gen)
+            loss, _ = loss_step(prep, model, batch, gen, t, cfg.data.prior_loss_weight)
+            loss.backward()
+    model.train(was_training)
+    if prep.world > 1:  # each process saw its share of every batch: sum the shares (only the sign is used)
+        import torch.distributed as dist
+
+        for g in grads.values():
+            dist.all_reduce(g)
+    return grads
 
 
 def _start(prep, cfg, arm, info, resume_from, log):

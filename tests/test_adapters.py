@@ -68,7 +68,7 @@ def test_plain_lora_starves_a_at_step_one(tiny_flux):
     assert all(g is None or g.abs().sum() == 0 for g in a_grads)  # B = 0 blocks A's gradient
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ["lora_sb"])  # lora_sb: plain rank-r (A, B R), no offset
 def test_trained_export_reloads_exactly_in_diffusers(tmp_path, tiny_flux, subject_dir, method):
     cfg = tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": method, "rank": 4},
                       train={"steps": 3, "lr": 1.0e-2})
@@ -87,6 +87,8 @@ def test_trained_export_reloads_exactly_in_diffusers(tmp_path, tiny_flux, subjec
         assert '"Q"' in stats and '"beta"' in stats
     if method == "pissa":
         assert "energy_share" in stats
+    if method == "lora_sb":
+        assert '"sigma_1"' in stats and '"energy_share"' in stats
 
 
 def test_multi_arm_run_gives_every_arm_the_same_noise(tmp_path, tiny_flux, subject_dir):

@@ -1,0 +1,193 @@
+"""LoRA-SB (Singhal et al., arXiv 2411.19557; /work/shared/METHODS.md section 3): a LoRA-XS layer
+    y = W x + s B R A x,    B (n, r) and A (r, m) frozen with orthonormal columns / rows,
+                            R (r, r) the only trainable tensor, s = 1,
+initialized from the approximated first full-fine-tuning AdamW step (METHODS.md 3.2):
+  1. G = sum over adapter.sb_batches micro-batches of dL/dW for every target weight W (the trainer's loss);
+  2. dW1 = -eta1 sign(G): Adam's bias-corrected first step eta g / (|g| + eps) ~ eta sign(g) (paper Eq. (6)),
+     eta1 = the LR of the first non-zero update (peak LR / warm-up steps, METHODS.md section 7 item 5);
+  3. truncated SVD dW1 ~ U_r S_r V_r^T;  4. B = U_r, A = V_r^T, R = diag(S_r), so s B R A = trunc_r(dW1)
+     (Eckart-Young optimal; paper section 3.6, METHODS.md 3.2 step 4).
+W is not offset (METHODS.md 3.2 step 5): the step-0 model is W + trunc_r(dW1), by design, and the
+whole delta B R A exports as a plain rank-r LoRA (A, B R) on the pristine base (METHODS.md 3.3). Base
+weights are never touched: the layer is wrapped, not rewritten (DESIGN decision 1).
+
+peft's LoRA layer has no r x r core, so a target nn.Linear (or bitsandbytes Linear8bitLt / Linear4bit)
+is wrapped in `SBLinear`, whose parameter names follow peft's (``base_layer``, ``lora_A.subject``,
+``lora_B.subject``, plus ``lora_R.subject``): checkpoints, resume and weight hashes treat it like any
+adapted layer, and `detach` puts the original module back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fluxlora import inits
+
+METHOD = "lora_sb"
+NAME = "subject"  # the adapter key, the same as adapters.SUBJECT
+SCALE = 1.0  # s = 1: the paper's "hyperparameter independence" (Thm. 5); the code sets lora_alpha = r
+SVD_NITER = 10  # subspace iterations of the randomized SVD, as the reference code's svd_lowrank(niter=10)
+
+
+class _Factor(nn.Module):
+    """Holds one factor as ``.weight`` (peft's lora_A[name].weight layout); zero-filled, so building
+    the structure draws nothing from any RNG."""
+
+    def __init__(self, rows: int, cols: int, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, cols, device=device), requires_grad=False)
+
+
+class SBLinear(nn.Module):
+    """A target linear layer with the LoRA-SB path: base_layer(x) + s * B R A dropout(x)."""
+
+    def __init__(self, base: nn.Module, rank: int, dropout: float):
+        super().__init__()
+        n, m, device = base.out_features, base.in_features, base.weight.device
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict({NAME: _Factor(rank, m, device)})  # (r, m)
+        self.lora_R = nn.ModuleDict({NAME: _Factor(rank, rank, device)})  # (r, r)
+        self.lora_B = nn.ModuleDict({NAME: _Factor(n, rank, device)})  # (n, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = SCALE
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        a, r, b = (f[NAME].weight for f in (self.lora_A, self.lora_R, self.lora_B))
+        h = self.dropout(x.to(a.dtype))
+        delta = F.linear(F.linear(F.linear(h, a), r), b)  # x A^T R^T B^T = (B R A x)^T, never n x m
+        return result + (self.scaling * delta).to(result.dtype)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    head, _, child = name.rpartition(".")
+    return (model.get_submodule(head) if head else model), child
+
+
+def attach(model: nn.Module, targets: list[str], rank: int, dropout: float) -> None:
+    """Wrap every target layer in an SBLinear (all factors zero: the output is the base output)."""
+    for name in targets:
+        parent, child = _parent(model, name)
+        setattr(parent, child, SBLinear(getattr(parent, child), rank, dropout))
+
+
+def detach(model: nn.Module, targets: list[str]) -> None:
+    """Put the original layers back (the pristine base for the next arm)."""
+    for name in targets:
+        parent, child = _parent(model, name)
+        layer = getattr(parent, child)
+        if isinstance(layer, SBLinear):
+            setattr(parent, child, layer.base_layer)
+
+
+def set_trainable(model: nn.Module) -> None:
+    """Only R trains; A, B and the base stay frozen."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".lora_R.{NAME}." in n)
+
+
+# ---------------------------------------------------------------- the estimation pass
+
+
+def _capture(acc: Tensor):
+    """Forward hook adding this call's dL/dW = grad_out^T x (rows = every token of the batch) to ``acc``
+    once backward reaches the layer's output. The output is made a graph leaf when nothing before it
+    needs a gradient (the base is frozen), so every target gets its gradient without any weight having
+    requires_grad: int8 / nf4 weights cannot, and no other parameter's gradient is ever formed."""
+    def hook(module, args, out):
+        if not torch.is_grad_enabled():
+            return None
+        x = args[0].detach()
+        if not out.requires_grad:
+            out = out.detach().requires_grad_()
+
+        def add(grad_out: Tensor) -> None:
+            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+            acc.addmm_(g2.T.to(acc.dtype), x2.to(acc.dtype))
+
+        out.register_hook(add)
+        return out
+    return hook
+
+
+@contextlib.contextmanager
+def weight_gradients(model: nn.Module, targets: list[str]):
+    """Inside the block, each backward adds dL/dW of every target layer into the yielded dict
+    {name: fp32 (n, m) tensor on the layer's device}: one accumulator per target weight is the only
+    memory it adds (the gradients of the target weights, nothing else). All parameters are frozen inside."""
+    grads, handles = {}, []
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    try:
+        for name in targets:
+            layer = model.get_submodule(name)
+            acc = torch.zeros(layer.out_features, layer.in_features, device=layer.weight.device)
+            grads[name] = acc
+            handles.append(layer.register_forward_hook(_capture(acc)))
+        yield grads
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+
+
+@torch.no_grad()
+def factors(G: Tensor, rank: int, lr1: float, generator: torch.Generator | None = None,
+            niter: int = SVD_NITER) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+    """(A (r, m), B (n, r), R (r, r), stats) with s B R A = trunc_r(-lr1 sign(G)), from a randomized
+    truncated SVD (q = inits.lowrank_q(r, n, m) columns, ``niter`` subspace iterations). G is consumed."""
+    if G.ndim != 2:
+        raise inits.InitError(f"{METHOD}: the gradient must be 2-D (got {tuple(G.shape)})")
+    n, m = G.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(n, m):
+        raise inits.InitError(f"rank must be in [1, min(n, m)] = [1, {min(n, m)}] for {METHOD} on a layer of "
+                              f"shape (n={n}, m={m}) (got {rank!r}) -> fix: use adapter.rank <= {min(n, m)} "
+                              "or leave this layer out of the targets")
+    if not (math.isfinite(lr1) and lr1 > 0):
+        raise inits.InitError(f"{METHOD}: the first-step learning rate must be > 0 (got {lr1!r})")
+    dW = G.float().sign_().mul_(-lr1)  # paper Eq. (6): the first AdamW update
+    nonzero = int(torch.count_nonzero(dW))
+    if nonzero == 0:
+        raise inits.InitError(f"{METHOD}: the loss gradient of this layer's weight is zero on every estimation "
+                              "batch, so there is no update direction to start from -> fix: leave the layer "
+                              "out of the targets or use another init")
+    U, S, V = inits._svd_lowrank(dW, inits.lowrank_q(rank, n, m), niter, generator)
+    del dW
+    B, A = U[:, :rank].contiguous(), V[:, :rank].T.contiguous()
+    R = torch.diag(S[:rank] / SCALE)  # s B R A = U_r S_r V_r^T
+    total = nonzero * lr1 * lr1  # ||dW1||_F^2: every non-zero entry is +-lr1
+    stats = {"sigma_1": float(S[0]), "energy_share": float(S[:rank].square().sum()) / total,
+             "sign_density": nonzero / (n * m), "eta1": lr1}
+    return A, B, R, stats
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, grads: dict[str, Tensor], rank: int, lr1: float, seed: int) -> dict[str, dict]:
+    """Fill the attached SBLinear layers from the accumulated gradients, one layer at a time; each
+    accumulator is freed as soon as its layer is done."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    stats = {}
+    for name in list(grads):
+        layer, G = model.get_submodule(name), grads.pop(name)
+        try:
+            A, B, R, stats[name] = factors(G, rank, lr1, gen)
+        except inits.InitError as e:
+            raise inits.InitError(f"{name} ({G.shape[0]}x{G.shape[1]}): {e}") from e
+        for holder, value in ((layer.lora_A, A), (layer.lora_B, B), (layer.lora_R, R)):
+            holder[NAME].weight.copy_(value)
+    return stats
+
+
+def export_factors(layer: SBLinear) -> tuple[Tensor, Tensor]:
+    """(A, B R) in fp32: the plain rank-r LoRA with the same delta (METHODS.md 3.3)."""
+    a, r, b = (f[NAME].weight.detach().float() for f in (layer.lora_A, layer.lora_R, layer.lora_B))
+    return a, b @ r
