@@ -3,6 +3,7 @@
 Run (CI smoke):      OMP_NUM_THREADS=1 python benchmarks/init_time.py --quick
 Run (default set):   OMP_NUM_THREADS=1 python benchmarks/init_time.py --layers 190 --sample 3
 Run (+ FF shapes):   OMP_NUM_THREADS=1 python benchmarks/init_time.py --wide
+Run (a subset):      OMP_NUM_THREADS=1 python benchmarks/init_time.py --wide --sample 1 --methods lora,pissa_fast,loram,pissa
 
 Shapes: the default target set is diffusers' to_q/to_k/to_v/to_out.0 = 19 double x 4 + 38 single x 3
 = 190 Linear 3072x3072 (METHODS.md 1.5). --wide adds the double blocks' feed-forwards (ff and
@@ -28,9 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+from fluxlora import lora_sb  # noqa: E402
 from fluxlora.inits import INITS  # noqa: E402
 
-METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora"]
+# lora_sb's per-layer math only (sign, randomized SVD with niter 10, factors) on a random "gradient";
+# its gradient pass over the data depends on the model and is timed by a training run (BENCHMARKS.md).
+FNS = {**INITS, "lora_sb": lambda W, rank, scale, generator=None: lora_sb.factors(W, rank, 1e-4, generator)}
+METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb"]
 SLOW = {"pissa", "milora", "olora"}  # full SVD / QR: timed on --sample layers, then extrapolated
 WEIGHT_STD = 0.02  # realistic scale of a FLUX linear weight
 SCALE = 1.0  # s = alpha / r with alpha = r, as in the paper's FLUX run (METHODS.md 1.5)
@@ -61,7 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--wide", action="store_true", help="also the feed-forward shapes")
     p.add_argument("--quick", action="store_true", help="tiny CI smoke run: 10 layers of 512x512")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or any(m not in METHODS for m in args.methods):
+        p.error(f"--methods must name some of {','.join(METHODS)} (got {','.join(args.methods) or 'none'})")
     if args.layers < 1 or args.sample < 1 or args.rank < 2:
         p.error(f"--layers and --sample must be >= 1 and --rank >= 2 (loram's minimum); got "
                 f"--layers {args.layers} --sample {args.sample} --rank {args.rank}")
@@ -81,7 +90,7 @@ def groups(args: argparse.Namespace) -> list[Group]:
 
 def time_method(method: str, group: Group, rank: int, sample: int) -> tuple[int, float]:
     """Sum of wall times of `method` over k layers (k = all, or `sample` for SLOW methods)."""
-    fn = INITS[method]
+    fn = FNS[method]
     k = min(sample, group.layers) if method in SLOW else group.layers
     rng = torch.Generator().manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -105,12 +114,12 @@ def _mem_probe(method: str, n: int, m: int, rank: int, threads: int) -> int:
     import-time peak of torch does not hide the call's peak (ru_maxrss cannot be reset)."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
-    INITS[method](torch.randn(256, 256, generator=gen) * WEIGHT_STD, rank, SCALE, generator=gen)
+    FNS[method](torch.randn(256, 256, generator=gen) * WEIGHT_STD, rank, SCALE, generator=gen)
     W = torch.empty(n, m).normal_(0.0, WEIGHT_STD, generator=gen)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
-    INITS[method](W, rank, SCALE, generator=gen)
+    FNS[method](W, rank, SCALE, generator=gen)
     return max(_status_kib("VmHWM") - before, 0) * 1024
 
 
@@ -121,9 +130,9 @@ def peak_extra_mb(method: str, group: Group, rank: int) -> float:
     return extra / 2**20
 
 
-def measure(group: Group, rank: int, sample: int) -> list[Row]:
+def measure(group: Group, rank: int, sample: int, methods: list[str]) -> list[Row]:
     rows = []
-    for method in METHODS:
+    for method in methods:
         timed, seconds = time_method(method, group, rank, sample)
         rows.append(Row(method, timed, seconds, 1e3 * seconds / timed, peak_extra_mb(method, group, rank)))
         print(f"  {method:<11} {timed:>4} layers  {seconds:8.3f} s", file=sys.stderr, flush=True)
@@ -131,9 +140,9 @@ def measure(group: Group, rank: int, sample: int) -> list[Row]:
 
 
 def table(group: Group, rows: list[Row]) -> str:
-    ref = next(r for r in rows if r.method == "loram").per_layer_ms
+    ref = next((r for r in rows if r.method == "loram"), rows[0]).per_layer_ms
     lines = [f"| method | layers timed | measured s | extrapolated s ({group.layers} layers) | "
-             "per-layer ms | peak extra MB | ratio vs loram |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"per-layer ms | peak extra MB | ratio vs {'loram' if any(r.method == 'loram' for r in rows) else rows[0].method} |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         extra = "" if r.timed == group.layers else " (extrapolated)"
         lines.append(f"| {r.method} | {r.timed} | {r.seconds:.3f} | {r.per_layer_ms * group.layers / 1e3:.2f}"
@@ -143,14 +152,12 @@ def table(group: Group, rows: list[Row]) -> str:
 
 def targets(group: Group, rows: list[Row]) -> list[str]:
     by = {r.method: r for r in rows}
+    if "loram" not in by:
+        return ["- (loram not measured: no targets to check)"]
     loram = by["loram"]
     layer_mb = group.n * group.m * 4 / 2**20
-    checks = [
-        (f"loram >= {TARGET_FAST:g}x faster than pissa_fast", by["pissa_fast"].per_layer_ms / loram.per_layer_ms,
-         TARGET_FAST, "x"),
-        (f"loram >= {TARGET_FULL:g}x faster than pissa", by["pissa"].per_layer_ms / loram.per_layer_ms,
-         TARGET_FULL, "x"),
-    ]
+    checks = [(f"loram >= {need:g}x faster than {other}", by[other].per_layer_ms / loram.per_layer_ms, need, "x")
+              for other, need in (("pissa_fast", TARGET_FAST), ("pissa", TARGET_FULL)) if other in by]
     out = [f"- {'PASS' if got >= need else 'FAIL'}: {name} (measured {got:.1f}{unit})"
            for name, got, need, unit in checks]
     ok = loram.extra_mb <= layer_mb
@@ -168,22 +175,24 @@ def header(args: argparse.Namespace) -> str:
     return (f"# LoRA init timing: rank {args.rank}, s = {SCALE:g}, torch {torch.__version__}, CPU {cpu}, "
             f"{torch.get_num_threads()} thread(s)\n\n"
             f"- weights: fp32 N(0, {WEIGHT_STD}^2), one buffer per shape refilled before each layer (RNG not timed)\n"
-            f"- {', '.join(sorted(SLOW))}: timed on {args.sample} layer(s) per shape and EXTRAPOLATED linearly; "
+            f"- {', '.join(sorted(SLOW & set(args.methods))) or '(none)'}: timed on {args.sample} layer(s) per shape and EXTRAPOLATED linearly; "
             "the others on every layer\n"
             "- one untimed warm-up call per method; wall time of the init call only\n"
             "- peak extra MB: peak RSS growth (VmHWM) during one call, fresh process per (method, shape)\n"
-            "- ratio vs loram: per-layer time / loram's per-layer time")
+            "- ratio vs loram: per-layer time / loram's per-layer time\n"
+            "- lora_sb: its per-layer math only (sign + randomized SVD of a random n x m gradient); its gradient "
+            "pass over the data is not in this number")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     gen = torch.Generator().manual_seed(0)
-    for method in METHODS:  # warm-up: first-call library set-up is not what we time
-        INITS[method](torch.randn(256, 256, generator=gen) * WEIGHT_STD, args.rank, SCALE, generator=gen)
+    for method in args.methods:  # warm-up: first-call library set-up is not what we time
+        FNS[method](torch.randn(256, 256, generator=gen) * WEIGHT_STD, args.rank, SCALE, generator=gen)
     print(header(args))
     for group in groups(args):
         print(f"\n## {group.name}: W {group.n}x{group.m}, {group.layers} layers\n", flush=True)
-        rows = measure(group, args.rank, args.sample)
+        rows = measure(group, args.rank, args.sample, args.methods)
         print(table(group, rows))
         note = " (defined for FLUX shapes; informational only in --quick)" if args.quick else ""
         print(f"\nTargets{note}:\n" + "\n".join(targets(group, rows)), flush=True)

@@ -37,3 +37,15 @@ def test_flux_full_gpu_without_a_gpu_says_how_to_run_it():
     done = subprocess.run([sys.executable, "benchmarks/flux_full_gpu.py"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2 and "--tiny" in done.stderr
+
+
+def test_init_time_quick_subset_includes_lora_sb():
+    done = subprocess.run([sys.executable, "benchmarks/init_time.py", "--quick", "--methods", "lora,loram,lora_sb"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                                     "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[2:] == ["lora", "loram", "lora_sb"]  # after the header and rule lines
+    bad = subprocess.run([sys.executable, "benchmarks/init_time.py", "--methods", "nope"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--methods must name some of" in bad.stderr
