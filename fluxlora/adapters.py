@@ -129,6 +129,9 @@ def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list
 
 def _inject_sb(model, rank, targets, dropout, seed, skip_init, sb_gradients, sb_lr) -> AdapterInfo:
     """LoRA-SB (lora_sb.py): the estimation pass on the pristine base, then the wrapped layers."""
+    if not skip_init and sb_gradients is None:
+        raise AdapterError("lora_sb initializes from the training data's first-step gradient, and no gradient "
+                           "pass was given -> fix: train it through the trainer (train.sb_gradients)")
     info = AdapterInfo(lora_sb.METHOD, rank, lora_sb.SCALE, targets, has_offset=False)
     t0 = time.perf_counter()
     grads = None if skip_init else sb_gradients()

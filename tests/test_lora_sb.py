@@ -206,6 +206,10 @@ def test_refusals(tmp_path, tiny_flux, subject_dir):
     assert not (tmp_path / "runs/few/lora/adapter.safetensors").exists()  # refused before any arm trained
     with pytest.raises(adapters.AdapterError, match=r"train.batch_size <= 3"):
         adapters.check_lora_sb(3, 1, 4, None)
+    model = flux.load_pipeline(str(tiny_flux)).transformer
+    with pytest.raises(adapters.AdapterError, match="no gradient pass was given"):
+        adapters.inject(model, "lora_sb", RANK, 1.0, adapters.find_targets(model, ["to_q"]))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
     with pytest.raises(adapters.AdapterError, match="init_from cannot start a lora_sb arm"):
         adapters.check_lora_sb(3, 1, 1, "x.safetensors")
     big = sb_config(tmp_path, tiny_flux, subject_dir, name="big", adapter={"rank": 40})  # tiny layers: 32 x 32
