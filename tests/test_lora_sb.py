@@ -133,7 +133,7 @@ def test_only_r_trains_and_the_base_stays_bit_identical(tmp_path, tiny_flux, sub
         assert not torch.equal(state[f"{name}.lora_R.subject.weight"], r0)
 
 
-def test_gradient_checkpointing_and_int8_base_give_the_estimate(tmp_path, tiny_flux, subject_dir):
+def test_gradient_checkpointing_and_quantized_bases_give_the_estimate(tmp_path, tiny_flux, subject_dir):
     cfg = sb_config(tmp_path, tiny_flux, subject_dir)
     prep = prepare(cfg, torch.device("cpu"), warn=lambda m: None)
     model = prep.pipe.transformer
@@ -144,10 +144,23 @@ def test_gradient_checkpointing_and_int8_base_give_the_estimate(tmp_path, tiny_f
     model.disable_gradient_checkpointing()
     for name in targets:  # recomputation must not count a layer twice
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-8)
+    # The pass needs no weight gradient, so quantized bases work as they are: a whole int8 run, and the init
+    # on an nf4 base (a CPU nf4 run fails later, in bitsandbytes' eval-mode sampling, for every method).
     q = sb_config(tmp_path, tiny_flux, subject_dir, name="int8", train={"steps": 2},
                   model={"path": str(tiny_flux), "quantize": "int8", "max_sequence_length": 24})
     result = run(q, warn=lambda m: None)[0]
     assert "error" not in result and result["init_seconds"] > 0, result
+    nf4 = sb_config(tmp_path, tiny_flux, subject_dir, name="nf4",
+                    model={"path": str(tiny_flux), "quantize": "nf4", "max_sequence_length": 24})
+    prep4 = prepare(nf4, torch.device("cpu"), warn=lambda m: None)
+    before = weights_hash(prep4.pipe.transformer)
+    model4, targets4, info4 = inject_sb(prep4, nf4)
+    for name in targets4:
+        A, R, B = factors_of(model4, name)
+        torch.testing.assert_close(B.T @ B, torch.eye(RANK), rtol=0, atol=1e-5)
+        assert torch.isfinite(R).all() and R.abs().max() > 0
+    assert weights_hash(model4) == before
+    adapters.remove(model4, info4)
 
 
 def test_multi_arm_with_lora_and_exact_resume(tmp_path, tiny_flux, subject_dir):
