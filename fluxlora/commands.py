@@ -94,6 +94,9 @@ def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = No
             step = int(ckpt.name.split("-")[1])
             paths, refactored = exporter.export_arm(model, info, arm, arm_config(cfg, name), name, step,
                                                     formats=formats, dtype=dtype, rank=rank)
+        except OSError as e:  # disk full, permissions: the previous files are left as they were
+            raise RunError(f"could not write the export of arm {name}: {e} -> the previous files and the "
+                           "checkpoints are kept; free disk space and run fluxlora export again") from e
         finally:
             adapters.remove(model, info)
         for path in paths:

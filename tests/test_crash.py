@@ -236,7 +236,9 @@ def test_failed_export_write_keeps_the_checkpoint_and_the_previous_file(tmp_path
     run(tiny_config(tmp_path, tiny_flux, subject_dir, name="ok", train={"steps": 2}), warn=lambda m: None)
     assert_same_adapter(tmp_path / "runs/ok/lora/adapter.safetensors", arm.adapter_file)
     monkeypatch.setattr(E, "save_file", disk_full)  # a failing re-export leaves the previous files whole
-    with pytest.raises(OSError):
+    from fluxlora.runner import RunError
+
+    with pytest.raises(RunError, match="previous files and the checkpoints are kept"):
         commands.export(root, None)
     assert {p.name: p.read_bytes() for p in arm.root.glob("*.safetensors")} == written
     assert not [p for p in arm.root.iterdir() if p.name.startswith(".export-")]
