@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fluxlora.rundir import GroupDir
-
 
 def train(config: str, overrides: list[str], resume: bool, arms_parallel: int | None = None,
           worker_arms: str | None = None) -> int:
@@ -30,16 +28,6 @@ def train(config: str, overrides: list[str], resume: bool, arms_parallel: int | 
     print(summary_table(results))
     print(f"run folder: {Path(cfg.output_dir) / cfg.name}")
     return failed
-
-
-def _open_run(run_dir: Path):
-    from fluxlora.config import load_config
-    from fluxlora.runner import RunError
-
-    group = GroupDir(run_dir)
-    if not group.config_file.exists():
-        raise RunError(f"{run_dir} is not a run folder (no config.yaml) -> fix: pass runs/<name>")
-    return group, load_config(group.config_file)
 
 
 def parse_formats(values: list[str] | None) -> list[str] | None:
@@ -68,7 +56,9 @@ def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = No
     from fluxlora.families import FAMILIES
     from fluxlora.runner import RunError
 
-    group, cfg = _open_run(run_dir)
+    from fluxlora.compare import open_run
+
+    group, cfg = open_run(run_dir)
     unknown = [a for a in arms or [] if a not in cfg.adapter.arms]
     if unknown:
         raise RunError(f"{run_dir} has no arm {unknown[0]!r} -> fix: choose from {', '.join(cfg.adapter.arms)}")

@@ -12,17 +12,24 @@ from fluxlora.runner import RunError
 BASE = "base"
 
 
+def open_run(run_dir: Path):
+    """(GroupDir, its resolved config) of a run folder; a clear error when it is not one."""
+    from fluxlora.config import load_config
+
+    group = GroupDir(run_dir)
+    if not group.config_file.exists():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml) -> fix: pass runs/<name>")
+    return group, load_config(group.config_file)
+
+
 class AdapterBench:
     """The base model of a run group plus its arms' exported adapters, ready to generate."""
 
     def __init__(self, run_dir: Path, device: str | None = None):
-        from fluxlora.config import load_config
         from fluxlora.families import FAMILIES
 
-        self.group = GroupDir(run_dir)
-        if not self.group.config_file.exists():
-            raise RunError(f"{run_dir} is not a run folder (no config.yaml) -> fix: pass runs/<name>")
-        self.cfg = cfg = load_config(self.group.config_file)
+        self.group, self.cfg = open_run(run_dir)
+        cfg = self.cfg
         self.family = FAMILIES[cfg.model.family]
         self.pipe = self.family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision,
                                               cfg.model.quantize)

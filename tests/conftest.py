@@ -90,3 +90,24 @@ def tiny_pipelines(tmp_path_factory, tiny_sd3):
         return built[family]
 
     return get
+
+
+def assert_resume_matches_uninterrupted(tmp_path, make_cfg, arm: str) -> dict:
+    """``make_cfg(name, steps)`` -> a RunConfig with checkpoints every 2 steps. Run "full" to 4 steps; run
+    "part" to 2 (as if stopped after the step-2 checkpoint), mark it interrupted and resume it to 4: the
+    two exported adapters must be bit-identical. Returns the final adapter's tensors."""
+    from safetensors.torch import load_file
+
+    from fluxlora.rundir import GroupDir
+    from fluxlora.runner import run
+
+    run(make_cfg("full", 4), warn=lambda m: None)
+    run(make_cfg("part", 2), warn=lambda m: None)
+    GroupDir(tmp_path / "runs" / "part").arm(arm).set_status("interrupted")
+    run(make_cfg("part", 4), resume=True, warn=lambda m: None)
+    a = load_file(str(tmp_path / "runs" / "full" / arm / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "part" / arm / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    return a

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import assert_resume_matches_uninterrupted, tiny_config
 from fluxlora.families import FAMILIES
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run
@@ -167,9 +167,6 @@ def test_every_other_init_method_trains_on_every_family(name, tiny_pipelines, su
 
 def test_sdxl_resume_reproduces_an_uninterrupted_run(tiny_pipelines, subject_dir, tmp_path):
     """Checkpoints are family-agnostic: stop at 2 + resume to 4 == 4 steps, bit for bit (DDPM family)."""
-    import torch
-    from safetensors.torch import load_file
-
     path = tiny_pipelines("sdxl")
 
     def cfg(name, steps):
@@ -177,10 +174,4 @@ def test_sdxl_resume_reproduces_an_uninterrupted_run(tiny_pipelines, subject_dir
                            adapter={"init": "loram", "rank": 4}, train={"steps": steps, "checkpoint_every": 2},
                            sample={"every": 0, "steps": 1, "seeds": [0], "prompts": [PROMPT]})
 
-    run(cfg("full", 4), warn=lambda m: None)
-    run(cfg("part", 2), warn=lambda m: None)
-    GroupDir(tmp_path / "runs" / "part").arm("loram").set_status("interrupted")
-    run(cfg("part", 4), resume=True, warn=lambda m: None)
-    a = load_file(str(tmp_path / "runs/full/loram/adapter.safetensors"))
-    b = load_file(str(tmp_path / "runs/part/loram/adapter.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_matches_uninterrupted(tmp_path, cfg, "loram")

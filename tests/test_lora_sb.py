@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import assert_resume_matches_uninterrupted, tiny_config
 from fluxlora import adapters, inits, lora_sb, train
 from fluxlora.families import flux
 from fluxlora.prepare import prepare
@@ -175,13 +175,7 @@ def test_multi_arm_with_lora_and_exact_resume(tmp_path, tiny_flux, subject_dir):
     def cfg_steps(name, steps):
         return sb_config(tmp_path, tiny_flux, subject_dir, name=name, train={"steps": steps, "checkpoint_every": 2})
 
-    run(cfg_steps("full", 4), warn=lambda m: None)
-    run(cfg_steps("part", 2), warn=lambda m: None)
-    GroupDir(tmp_path / "runs" / "part").arm("lora_sb").set_status("interrupted")
-    run(cfg_steps("part", 4), resume=True, warn=lambda m: None)
-    a = load_file(str(tmp_path / "runs/full/lora_sb/adapter.safetensors"))
-    b = load_file(str(tmp_path / "runs/part/lora_sb/adapter.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = assert_resume_matches_uninterrupted(tmp_path, cfg_steps, "lora_sb")
     assert all(v.shape[0] == RANK or v.shape[1] == RANK for v in a.values())  # plain rank r, no offset
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import assert_resume_matches_uninterrupted, tiny_config
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run
 
@@ -64,19 +64,10 @@ def test_same_config_gives_same_numbers(tmp_path, tiny_flux, subject_dir):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_flux, subject_dir):
-    full = tiny_config(tmp_path, tiny_flux, subject_dir, name="full", train={"steps": 4, "checkpoint_every": 2})
-    run(full, warn=lambda m: None)
-    # Stop after 2 steps (as if killed after the step-2 checkpoint), then resume to 4.
-    part = tiny_config(tmp_path, tiny_flux, subject_dir, name="part", train={"steps": 2, "checkpoint_every": 2})
-    run(part, warn=lambda m: None)
-    GroupDir(tmp_path / "runs" / "part").arm("lora").set_status("interrupted")
-    resumed = tiny_config(tmp_path, tiny_flux, subject_dir, name="part", train={"steps": 4, "checkpoint_every": 2})
-    run(resumed, resume=True, warn=lambda m: None)
-    a = load_file(str(tmp_path / "runs/full/lora/adapter.safetensors"))
-    b = load_file(str(tmp_path / "runs/part/lora/adapter.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    def cfg(name, steps):
+        return tiny_config(tmp_path, tiny_flux, subject_dir, name=name, train={"steps": steps, "checkpoint_every": 2})
+
+    assert_resume_matches_uninterrupted(tmp_path, cfg, "lora")
     steps = [r["step"] for r in GroupDir(tmp_path / "runs" / "part").arm("lora").metrics()]
     assert steps == [1, 2, 3, 4]
 

@@ -28,10 +28,11 @@ REFRESH_SECONDS = 2.0
 
 def _browser(h: Handlers):
     with gr.Row():
-        table = gr.Dataframe(views.groups_table(h.runs), label="Runs (click a row)", interactive=False,
+        groups = views.groups_table(h.runs)
+        table = gr.Dataframe(groups, label="Runs (click a row)", interactive=False,
                              elem_id="groups-table", scale=3, max_height=220)
         with gr.Column(scale=1):
-            names = h.group_names()
+            names = list(groups["run"])
             pick = gr.Dropdown(names, value=names[0] if names else None, label="Run", elem_id="group-pick")
             refresh = gr.Button("Refresh", elem_id="refresh-btn", size="sm")
     return table, pick, refresh

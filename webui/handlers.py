@@ -34,9 +34,10 @@ class Handlers:
         return list(views.groups_table(self.runs)["run"])
 
     def refresh_groups(self, current: str | None):
-        names = self.group_names()
+        table = views.groups_table(self.runs)  # reads every group's status files: once per refresh
+        names = list(table["run"])
         value = current if current in names else (names[0] if names else None)
-        return views.groups_table(self.runs), gr.update(choices=names, value=value)
+        return table, gr.update(choices=names, value=value)
 
     def pick_row(self, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
