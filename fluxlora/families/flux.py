@@ -49,20 +49,25 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None, quantize: str = "none"):
-    """FluxPipeline.from_pretrained on a local directory or a hub id (HF_HUB_OFFLINE honoured)."""
-    from diffusers import FluxPipeline
-
-    resolved = resolve_path(path)
+def open_pipeline(pipeline_cls, path: str, dtype: str, revision: str | None, label: str, **kwargs):
+    """``pipeline_cls.from_pretrained`` on a local directory, 'toy' or a hub id (HF_HUB_OFFLINE honoured),
+    every model component frozen in eval mode, progress bars off (our own bar reports progress)."""
     try:
-        pipe = FluxPipeline.from_pretrained(resolved, dtype=DTYPES[dtype], revision=revision)
+        pipe = pipeline_cls.from_pretrained(resolve_path(path), dtype=DTYPES[dtype], revision=revision, **kwargs)
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set: only cached models load)" if offline else ""
-        raise ModelLoadError(f"could not load FLUX pipeline {path!r}{hint}: {e}") from e
-    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.transformer):
-        module.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)  # our own bar reports progress
+        raise ModelLoadError(f"could not load {label} pipeline {path!r}{hint}: {e}") from e
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None, quantize: str = "none"):
+    """FluxPipeline from a local directory, 'toy' or a hub id, with the transformer quantized if asked."""
+    pipe = open_pipeline(pipeline_class(), path, dtype, revision, "FLUX")
     from fluxlora.quantize import quantize_transformer
 
     quantize_transformer(pipe.transformer, quantize, DTYPES[dtype])

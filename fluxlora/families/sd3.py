@@ -17,6 +17,7 @@ from fluxlora.families.flux import (  # noqa: F401  (shared flow-matching math a
     encode_images,
     loss_weights,
     noisy,
+    open_pipeline,
     resolve_path,
     sample_sigmas,
     shift_sigmas,
@@ -41,19 +42,8 @@ def pipeline_class():
 
 
 def load_pipeline(path: str, dtype: str = "fp32", revision: str | None = None, quantize: str = "none"):
-    """StableDiffusion3Pipeline.from_pretrained on a local directory or a hub id."""
-    import os
-
-    resolved = resolve_path(path)
-    try:
-        pipe = pipeline_class().from_pretrained(resolved, dtype=DTYPES[dtype], revision=revision)
-    except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set: only cached models load)" if offline else ""
-        raise ModelLoadError(f"could not load SD3 pipeline {path!r}{hint}: {e}") from e
-    for module in text_encoders(pipe) + [pipe.vae, pipe.transformer]:
-        module.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
+    """StableDiffusion3Pipeline from a local directory or a hub id, transformer quantized if asked."""
+    pipe = open_pipeline(pipeline_class(), path, dtype, revision, "SD3")
     from fluxlora.quantize import quantize_transformer
 
     quantize_transformer(pipe.transformer, quantize, DTYPES[dtype])

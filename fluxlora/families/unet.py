@@ -14,11 +14,9 @@ The loop's "sigmas" are the uniform draws u in [0, 1); the timestep is floor(u *
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from fluxlora.families.flux import DTYPES, ModelLoadError, call_pipeline, resolve_path
+from fluxlora.families.flux import ModelLoadError, call_pipeline, open_pipeline
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -52,16 +50,7 @@ class UNetFamily:
             raise ModelLoadError(f"model.quantize {quantize!r} is for transformer families (flux, sd3) -> "
                                  "fix: set model.quantize=none for sdxl / sd15")
         kwargs = {} if self.xl else dict(safety_checker=None, requires_safety_checker=False)
-        try:
-            pipe = self.pipeline_class().from_pretrained(resolve_path(path), dtype=DTYPES[dtype], revision=revision,
-                                                         **kwargs)
-        except (OSError, ValueError) as e:
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            hint = " (HF_HUB_OFFLINE is set: only cached models load)" if offline else ""
-            raise ModelLoadError(f"could not load {self.NAME} pipeline {path!r}{hint}: {e}") from e
-        for module in self.text_encoders(pipe) + [pipe.vae, pipe.unet]:
-            module.eval().requires_grad_(False)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = open_pipeline(self.pipeline_class(), path, dtype, revision, self.NAME, **kwargs)
         pipe.transformer = pipe.unet  # the trainer's name for the denoiser (see the module doc)
         return pipe
 
