@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", required=True, help="pipeline directory to write")
     pt.add_argument("--work", default=None, help="work/resume folder (default: <out>.work)")
     pt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    pt.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
+    for flag, kind, what in (("--vae-steps", int, "VAE steps"), ("--transformer-steps", int, "transformer steps"),
+                             ("--batch", int, "transformer batch size"), ("--pool", int, "cached world images"),
+                             ("--seed", int, "seed of everything")):
+        pt.add_argument(flag, type=kind, default=None, help=f"{what} (default: the shipped model's recipe)")
     return p
 
 
@@ -122,7 +127,10 @@ def dispatch(args) -> int:
         from fluxlora.toy.pretrain import pretrain
 
         out = Path(args.out)
-        pretrain(out, Path(args.work) if args.work else out.with_name(out.name + ".work"), threads=args.threads)
+        recipe = {k: getattr(args, k) for k in ("vae_steps", "transformer_steps", "batch", "pool", "seed")
+                  if getattr(args, k) is not None}
+        pretrain(out, Path(args.work) if args.work else out.with_name(out.name + ".work"), threads=args.threads,
+                 device=args.device, **recipe)
         return 0
     return 2
 

@@ -130,10 +130,10 @@ def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int, device: s
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     gen = world.stream(seed + 1)
-    images, captions = [], []
+    images, captions, cells = [], [], []
     for _ in range(pool):
-        img, cap, _ = next(gen)
-        images.append(img), captions.append(cap)
+        img, cap, scene = next(gen)
+        images.append(img), captions.append(cap), cells.append(world.POSITIONS.index(scene.pos))
     vae.eval()
     latents = torch.cat([vae.encode(to_tensor(images[i:i + 256]).to(device)).latent_dist.mean.cpu()
                          for i in range(0, pool, 256)])
@@ -152,7 +152,7 @@ def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int, device: s
                      return_tensors="pt").input_ids
         t5_ids.append(ids)
     cache = {
-        "latents": latents, "cap_idx": torch.tensor([index[c] for c in captions]),
+        "latents": latents, "cap_idx": torch.tensor([index[c] for c in captions]), "cell": torch.tensor(cells),
         "t5_ids": torch.cat(t5_ids), "pooled": torch.cat(pooled), "empty": index[""],
         "shift": latents.mean().item(), "scale": 1.0 / latents.std().item(),
     }
@@ -162,13 +162,34 @@ def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int, device: s
 
 # ----- stage 4: transformer -------------------------------------------------------------------------
 
-def flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids) -> torch.Tensor:
-    """Flow-matching loss of one random batch (captions dropped to "" at CAPTION_DROPOUT for CFG)."""
+def cell_token_masks(h: int, w: int) -> torch.Tensor:
+    """(9, tokens) 0/1 masks: which packed 2x2 latent tokens overlap each cell of the 3x3 position grid."""
+    th, tw = h // 2, w // 2
+    rows = torch.arange(th, dtype=torch.float32)
+    cols = torch.arange(tw, dtype=torch.float32)
+    masks = []
+    for i in range(len(world.POSITIONS)):
+        r, c = divmod(i, 3)
+        in_r = (rows + 1 > r * th / 3) & (rows < (r + 1) * th / 3)
+        in_c = (cols + 1 > c * tw / 3) & (cols < (c + 1) * tw / 3)
+        masks.append((in_r[:, None] & in_c[None, :]).flatten().float())
+    return torch.stack(masks)
+
+
+def flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids, cell_masks=None,
+              object_weight: float = 0.0) -> torch.Tensor:
+    """Flow-matching loss of one random batch (captions dropped to "" at CAPTION_DROPOUT for CFG).
+
+    With ``object_weight`` > 0 the tokens of the cell the caption names weigh 1 + object_weight. The
+    weight is a function of the caption only, never of the image, so the loss's minimizer (the
+    conditional velocity) is unchanged; it only spends the model's updates where the object is. A
+    dropped caption names no cell and weighs 1 everywhere."""
     device = lat.device
     idx = torch.randint(0, lat.shape[0], (batch,))
     x0 = pack(lat[idx.to(device)])
     cap = cache["cap_idx"][idx].clone()
-    cap[torch.rand(batch) < CAPTION_DROPOUT] = cache["empty"]
+    dropped = torch.rand(batch) < CAPTION_DROPOUT
+    cap[dropped] = cache["empty"]
     cap = cap.to(device)
     s = torch.sigmoid(torch.randn(batch))
     s = (shift * s / (1 + (shift - 1) * s)).to(device)
@@ -178,11 +199,16 @@ def flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids) -> t
     pred = net["transformer"](hidden_states=xt, timestep=s, encoder_hidden_states=text,
                               pooled_projections=pooled[cap], txt_ids=txt_ids, img_ids=img_ids,
                               return_dict=False)[0]
-    return F.mse_loss(pred, noise - x0)
+    if not object_weight:
+        return F.mse_loss(pred, noise - x0)
+    weight = 1.0 + object_weight * cell_masks[cache["cell"][idx]] * (~dropped)[:, None].float()
+    weight = weight.to(device)[:, :, None]
+    return (weight * (pred - noise + x0) ** 2).mean() / weight.mean()
 
 
 def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch: int, seed: int,
-                      device: str = "cpu") -> torch.nn.ModuleDict:
+                      device: str = "cpu", lr: float = 5e-4, object_weight: float = 0.0,
+                      save_every: int = 500) -> torch.nn.ModuleDict:
     """Flow matching on cached latents; the small T5 encoder trains jointly (EMA of both is returned).
 
     FLUX gives text tokens no positional ids, so word order ("red circle on a blue background" vs
@@ -196,7 +222,7 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
                                "t5": T5EncoderModel.from_pretrained(skeleton / "text_encoder_2")})
     ema = copy.deepcopy(net).requires_grad_(False)
     net.to(device).train(), ema.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     ckpt, start = work / "transformer.pt", 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False, map_location=device)
@@ -204,6 +230,7 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
         opt.load_state_dict(state["opt"])
         start = state["step"]
         torch.set_rng_state(state["rng"].cpu())
+        log(work, f"transformer resumed at step {start}/{steps}")
     if start >= steps:
         return ema.cpu()
     lat = ((cache["latents"] - cache["shift"]) * cache["scale"]).to(device)
@@ -211,12 +238,13 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
     _, _, h, w = lat.shape
     img_ids, txt_ids = image_ids(h, w).to(device), torch.zeros(build.T5_MAX_LENGTH, 3, device=device)
     shift = math.exp(build.SCHEDULER_CONFIG["base_shift"])  # FLUX's resolution shift at 64 tokens
-    warmup, t0 = 300, time.time()
+    masks = cell_token_masks(h, w)
+    warmup, t0, peak = 300, time.time(), lr
     for step in range(start, steps):
-        lr = 5e-4 * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids)
+        loss = flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids, masks, object_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -228,7 +256,7 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
         if (step + 1) % 100 == 0:
             log(work, f"transformer step {step + 1}/{steps} loss {loss.item():.4f} lr {lr:.2e} "
                       f"({time.time() - t0:.0f}s)")
-        if (step + 1) % 500 == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 == steps:
             save_atomic({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": step + 1, "rng": torch.get_rng_state()}, ckpt)
     return ema.cpu()
@@ -259,7 +287,7 @@ def assemble(out: Path, skeleton: Path, vae, net: torch.nn.ModuleDict, cache: di
 
 def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: int = 6000,
              batch: int = 32, pool: int = 30000, seed: int = 0, threads: int | None = None,
-             device: str = "cpu") -> None:
+             device: str = "cpu", lr: float = 5e-4, object_weight: float = 0.0, save_every: int = 500) -> None:
     if threads:
         torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -272,6 +300,7 @@ def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: in
     log(work, "stage cache")
     cache = build_cache(work, skeleton, vae, pool, seed, device)
     log(work, f"latent shift {cache['shift']:.4f} scale {cache['scale']:.4f}")
-    net = train_transformer(work, skeleton, cache, transformer_steps, batch, seed, device)
+    net = train_transformer(work, skeleton, cache, transformer_steps, batch, seed, device, lr, object_weight,
+                            save_every)
     assemble(out, skeleton, vae, net, cache)
     log(work, f"done in {time.time() - t0:.0f}s (this invocation) -> {out}")
