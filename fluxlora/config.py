@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from fluxlora.yamlsafe import YamlProblem, load_yaml
 
@@ -211,6 +212,16 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    _source: str = PrivateAttr(default="<config>")  # where it was read from, for later error messages
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def __eq__(self, other) -> bool:  # the same settings, wherever they were read from
+        return isinstance(other, RunConfig) and self.model_dump() == other.model_dump()
+
+    __hash__ = None
 
     @model_validator(mode="after")
     def _family_options(self):
@@ -366,6 +377,7 @@ def parse_config(data: Any, overrides: Sequence[str] = (), source: str = "<confi
         cfg = None
     if problems:
         raise ConfigError(source, problems)
+    cfg._source = source
     return cfg
 
 

@@ -61,8 +61,9 @@ def _init_from_problems(cfg: RunConfig) -> list[Problem]:
     return [Problem("adapter.init_from", repr(path), "file does not exist", "give the path of a LoRA .safetensors")]
 
 
-def check(cfg: RunConfig, source: str = "<config>") -> None:
-    """Raise one ConfigError listing every data, model-path, output-folder and init_from problem."""
+def check(cfg: RunConfig) -> None:
+    """Raise one ConfigError, naming the config's file, listing every data, model-path, output-folder and
+    init_from problem."""
     problems = _data_problems(cfg) + _model_problems(cfg) + _output_problems(cfg) + _init_from_problems(cfg)
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(cfg.source, problems)

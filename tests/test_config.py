@@ -266,6 +266,7 @@ def test_cli_bad_config_kinds_exit_2_with_field_and_fix(tmp_path, capsys, text, 
     assert code == 2 and "Traceback" not in err, err
     expected = [e.replace("DATA", str(images)) for e in expected]
     assert all(e in err for e in expected), err
+    assert str(config) in err.splitlines()[0], err  # the file is named, also by the pre-run checks
     lines = [line for line in err.splitlines() if line.startswith("  - ")]
     assert lines and all(" -> fix: " in line and line.count("-> fix:") == 1 for line in lines), err
     assert not (tmp_path / "runs").exists()  # refused before the run folder is made
