@@ -42,6 +42,8 @@ def save(arm: ArmDir, step: int, model, optimizer, lr_scheduler, generator: torc
                               "kept; free disk space and resume with --resume") from e
     for old in arm.checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for partial in arm.checkpoints_dir.glob(".tmp-*"):  # left by a killed save; the run lock makes us the
+        shutil.rmtree(partial, ignore_errors=True)      # only writer, so none of them is in progress
     return final
 
 
