@@ -181,6 +181,8 @@ class SampleConfig(Section):
     true_cfg: Float = Field(1.0, ge=1, description="classifier-free guidance scale with negative_prompt")
     negative_prompt: str = ""
     resolution: int | None = Field(None, ge=16, multiple_of=16, description="None: data.resolution")
+    offload_base: bool = Field(False, description="the frozen denoiser waits on the CPU while each sample "
+                               "batch is decoded by the VAE, so the decoder's activations do not stack on it")
 
 
 class ExportConfig(Section):
@@ -235,6 +237,11 @@ class RunConfig(Section):
         if not flow and self.model.quantize != "none":
             raise ValueError(f"model.quantize {self.model.quantize} is for the transformer families (flux, sd3) "
                              f"-> set model.quantize=none for {self.model.family}")
+        if self.sample.offload_base and self.model.quantize != "none":
+            # bitsandbytes keeps a used layer's int8 state outside its parameters, where a model-wide .to()
+            # does not move it: a quantized base cannot make the round trip safely.
+            raise ValueError(f"sample.offload_base is for unquantized bases, not model.quantize "
+                             f"{self.model.quantize} -> set sample.offload_base=false (a quantized base is small)")
         return self
 
     @model_validator(mode="after")

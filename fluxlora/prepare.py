@@ -75,6 +75,31 @@ def on_device(device: torch.device, *modules):
             m.to("cpu")
 
 
+@contextlib.contextmanager
+def denoiser_offloaded_for_decode(pipe, enabled: bool = True):
+    """For one pipeline call: when the VAE starts decoding, the frozen denoiser (with its adapter) moves to
+    the CPU, and it returns to its device when the block ends. A pipeline call denoises first and decodes
+    last, so nothing needs the denoiser meanwhile; at 1024 px the decoder's activations are several GB."""
+    if not enabled:
+        yield
+        return
+    denoiser, vae = pipe.transformer, pipe.vae
+    home, decode = next(denoiser.parameters()).device, vae.decode
+
+    def offload_then_decode(*args, **kwargs):
+        denoiser.to("cpu")
+        if home.type == "cuda":
+            torch.cuda.empty_cache()
+        return decode(*args, **kwargs)
+
+    vae.decode = offload_then_decode  # an instance attribute: the class's method is untouched
+    try:
+        yield
+    finally:
+        del vae.decode
+        denoiser.to(home)
+
+
 def generate_class_images(family, pipe, folder: Path, embeds, first: int, count: int, resolution: int,
                           steps: int) -> None:
     """Images ``first..count-1`` of the class prompt (cached embeddings) from the base model."""

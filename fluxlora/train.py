@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fluxlora import adapters, checkpoint, distributed, export, inits, lora_sb, lorafile, sampling
-from fluxlora.prepare import Prepared
+from fluxlora.prepare import Prepared, denoiser_offloaded_for_decode
 from fluxlora.rundir import ArmDir, write_json
 
 
@@ -131,8 +131,9 @@ def write_samples(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: 
     images, seeds = [], list(s.seeds)
     for i, _ in enumerate(prep.sample_prompts):
         emb = [e[i:i + 1].expand(len(seeds), *e.shape[1:]) for e in prep.sample_embeds]
-        images.append(prep.family.generate_many(prep.pipe, *emb, prep.negative, seeds, resolution, s.steps,
-                                                s.guidance, s.true_cfg))
+        with denoiser_offloaded_for_decode(prep.pipe, s.offload_base):
+            images.append(prep.family.generate_many(prep.pipe, *emb, prep.negative, seeds, resolution, s.steps,
+                                                    s.guidance, s.true_cfg))
     if prep.evaluator is not None:
         log({"step": step, **prep.evaluator.evaluate()})
     model.train()
