@@ -123,6 +123,11 @@ class AdapterConfig(Section):
         stray = [k for k in self.overrides if k not in self.arms]
         if stray:
             raise ValueError(f"adapter.overrides names arms that are not in adapter.init: {stray}")
+        sb = self.overrides.get("lora_sb")
+        if sb is not None and (moot := [k for k in ("alpha", "scaling", "alpha_coefficient")
+                                        if getattr(sb, k) is not None]):
+            raise ValueError(f"adapter.overrides.lora_sb sets {moot}, which lora_sb does not use (it trains "
+                             f"with scale 1: its size comes from the first-step estimate) -> remove {moot}")
         return self
 
     @property

@@ -302,3 +302,12 @@ def test_bad_data_refused_before_any_model_loads(tmp_path, monkeypatch):
     (p,) = e.value.problems
     assert p.where == "data.instance_dir" and "empty.png" in p.message and "notes.jpg" in p.message
     assert p.fix == "replace or repair the files listed above"
+
+
+def test_lora_sb_refuses_scale_overrides_it_would_ignore():
+    with pytest.raises(ConfigError, match=r"overrides.lora_sb sets \['alpha'\]"):
+        parse_config({"name": "t", "model": {"path": "toy"}, "data": {"instance_dir": "."},
+                      "adapter": {"init": ["lora", "lora_sb"], "overrides": {"lora_sb": {"alpha": 4}}}})
+    cfg = parse_config({"name": "t", "model": {"path": "toy"}, "data": {"instance_dir": "."},
+                        "adapter": {"init": ["lora", "lora_sb"], "overrides": {"lora_sb": {"rank": 4, "lr": 1e-4}}}})
+    assert cfg.adapter.overrides["lora_sb"].rank == 4
