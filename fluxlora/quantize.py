@@ -27,6 +27,10 @@ def _quantized(layer: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Mo
         q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
                               compute_dtype=compute_dtype, quant_type="nf4")
         q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time it runs in
+        # eval mode (our step-0 samples); its training path cannot use that layout (the next training step
+        # fails in matmul_4bit). Keep the portable layout: the same numbers, and training keeps working.
+        q.support_avx512bf16_for_cpu = False
     else:
         raise ValueError(f"unknown quantization {mode!r}; valid: none, int8, nf4")
     if layer.bias is not None:
