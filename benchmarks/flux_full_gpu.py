@@ -114,6 +114,18 @@ def matmul_tflops(device, dtype, n: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def timed_steps(model, batch: dict, opt, args, device) -> list[float]:
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step(model, batch, opt)
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure(model, method: str, resolution: int, checkpointing: bool, args, config, device, dtype) -> dict:
     from fluxlora import adapters
     from fluxlora.families import flux
@@ -129,14 +141,13 @@ def measure(model, method: str, resolution: int, checkpointing: bool, args, conf
             model.enable_gradient_checkpointing()
         opt = torch.optim.AdamW(adapters.trainable_parameters(model), lr=1e-5)
         batch = inputs(config, resolution, device, dtype)
-        times = []
-        for i in range(args.warmup + args.steps):
-            sync(device)
-            t0 = time.perf_counter()
-            step(model, batch, opt)
-            sync(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+        try:
+            times = timed_steps(model, batch, opt, args, device)
+        except torch.OutOfMemoryError:  # recorded as a result: this setting does not fit on this GPU
+            opt = batch = None
+            return {"method": method, "resolution": resolution, "checkpointing": checkpointing, "s_per_it": None,
+                    "peak_gib": "OOM", "init_s": info.init_seconds, "trainable_params": info.trainable_params,
+                    "step_tflop": None}
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         # bitsandbytes' int8/nf4 kernels are invisible to the FLOP counter: the floor is for the full base
         flops = step_flops(model, batch, opt, checkpointing) if args.flops and not quantized(model) else None
@@ -167,6 +178,9 @@ def _fmt(value, spec: str) -> str:
 
 def table_row(r: dict) -> str:
     floor = r["floor_s_per_it"]
+    if r["s_per_it"] is None:  # out of memory
+        return (f"| {r['base']} | {'on' if r['checkpointing'] else 'off'} | {r['resolution']} | {r['method']} | "
+                f"- | - | - | OOM | {r['init_s']:.2f} |")
     ratio = None if floor is None else r["s_per_it"] / floor
     return (f"| {r['base']} | {'on' if r['checkpointing'] else 'off'} | {r['resolution']} | {r['method']} | "
             f"{r['s_per_it']:.3f} | {_fmt(floor, '.3f')} | {_fmt(ratio, '.2f')} | {_fmt(r['peak_gib'], '.2f')} | "
@@ -194,6 +208,9 @@ def main(argv=None) -> int:
         print("no CUDA GPU: run with --tiny for the CPU smoke mode", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.tiny else "cuda")
+    from fluxlora.prepare import avoid_cudnn_attention
+
+    avoid_cudnn_attention(device)  # as the trainer does
     dtype = torch.float32 if args.tiny else torch.bfloat16
     config = TINY if args.tiny else FLUX_DEV
     resolutions = [int(r) for r in (args.resolutions or ("64" if args.tiny else "512,1024")).split(",")]

@@ -129,10 +129,19 @@ def class_samples(cfg, family, pipe, device, max_len: int, main_first, warn) -> 
     return data.load_samples(folder, d.class_prompt, warn=warn)
 
 
+def avoid_cudnn_attention(device: torch.device) -> None:
+    """Training on CUDA uses the flash / memory-efficient attention kernels, not cuDNN's: on an H100 with
+    torch 2.11 + CUDA 13, cuDNN's attention backward hit an illegal memory access on FLUX's joint attention
+    (even 2+2 blocks at 512 px); with cuDNN attention off the same steps run (BENCHMARKS.md, GPU section)."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcontext,
             evaluate: bool = True) -> Prepared:
     """``main_first``: a context in which the main process runs first (class images are generated
     once); ``evaluate``: build the toy evaluator (only the main process logs metrics)."""
+    avoid_cudnn_attention(device)
     family = FAMILIES[cfg.model.family]
     samples = data.load_samples(cfg.data.instance_dir, cfg.data.instance_prompt, warn=warn)
     pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
