@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import inspect
 import os
 import random
@@ -18,41 +17,20 @@ import torch
 from PIL import Image
 
 from fluxlora import data
-from fluxlora.data import DataError, hflip, load_samples, prepare_image, scan_folder
+from fluxlora.data import hflip, prepare_image, scan_folder
 
-PROMPT = "a photo of sks dog"
-
-
-def _noise(size=(64, 48), seed=0) -> Image.Image:
-    # Random pixels, so no two fixtures are accidental duplicates of each other.
-    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(arr)
-
-
-def _save(img: Image.Image, path: Path, **kw) -> Path:
-    img.save(path, **kw)
-    return path
-
-
-def _scan(folder: Path, prompt: str | None = PROMPT, **kw):
-    samples, lines = scan_folder(folder, prompt, **kw)
-    return {s.path.name: s for s in samples}, lines
-
-
-def _lines_for(lines: list[str], name: str) -> list[str]:
-    return [line for line in lines if name in line]
-
+from data_fixtures import PROMPT, lines_for, noise, save, scan
 
 # ------------------------------------------------------------------------------------------ formats
 
 
 def test_normal_formats_and_uppercase_extension(tmp_path):
     for i, name in enumerate(["a.jpg", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.PNG", "g.JpG"]):
-        _save(_noise(seed=i), tmp_path / name)
+        save(noise(seed=i), tmp_path / name)
     (tmp_path / "notes.md").write_text("ignored")
     (tmp_path / "model.gif").write_bytes(b"GIF89a")
     (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # dot files: ignored silently
-    by_name, lines = _scan(tmp_path)
+    by_name, lines = scan(tmp_path)
     assert list(by_name) == ["a.jpg", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.PNG", "g.JpG"]
     assert lines == []
     for s in by_name.values():
@@ -64,8 +42,8 @@ def test_exif_rotation_applied(tmp_path):
     img.paste((0, 0, 255), (0, 0, 30, 40))  # left half blue, right half red
     exif = img.getexif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    _save(img, tmp_path / "rot.jpg", exif=exif, quality=95)
-    s = _scan(tmp_path)[0]["rot.jpg"]
+    save(img, tmp_path / "rot.jpg", exif=exif, quality=95)
+    s = scan(tmp_path)[0]["rot.jpg"]
     assert s.image.size == (40, 60)
     # After a 90 degree clockwise turn the stored left (blue) half is on top.
     top, bottom = s.image.getpixel((20, 5)), s.image.getpixel((20, 55))
@@ -78,8 +56,8 @@ def test_alpha_composited_on_white(tmp_path, mode, fill):
     img = Image.new(mode, (40, 40), fill)
     opaque = (200, 0, 0, 255) if mode == "RGBA" else (50, 255)
     img.paste(opaque, (0, 0, 20, 40))
-    _save(img, tmp_path / "x.png")
-    s = _scan(tmp_path)[0]["x.png"]
+    save(img, tmp_path / "x.png")
+    s = scan(tmp_path)[0]["x.png"]
     assert s.image.getpixel((30, 10)) == (255, 255, 255)
     assert s.image.getpixel((5, 10)) == ((200, 0, 0) if mode == "RGBA" else (50, 50, 50))
 
@@ -88,25 +66,25 @@ def test_palette_with_transparency(tmp_path):
     img = Image.new("P", (40, 40), 0)
     img.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
     img.paste(1, (0, 0, 20, 40))
-    _save(img, tmp_path / "p.png", transparency=0)
-    s = _scan(tmp_path)[0]["p.png"]
+    save(img, tmp_path / "p.png", transparency=0)
+    s = scan(tmp_path)[0]["p.png"]
     assert s.image.getpixel((30, 5)) == (255, 255, 255)  # transparent index -> white, not black
     assert s.image.getpixel((5, 5)) == (0, 200, 0)
 
 
 def test_cmyk_converted_with_note(tmp_path):
-    _save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), tmp_path / "c.jpg")
-    by_name, lines = _scan(tmp_path)
+    save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), tmp_path / "c.jpg")
+    by_name, lines = scan(tmp_path)
     r, g, b = by_name["c.jpg"].image.getpixel((20, 20))
     assert r > 200 and g < 60 and b < 60
-    assert len(_lines_for(lines, "c.jpg")) == 1 and "CMYK" in lines[0]
+    assert len(lines_for(lines, "c.jpg")) == 1 and "CMYK" in lines[0]
 
 
 def test_16bit_scaled_not_clipped(tmp_path):
     img = Image.fromarray(np.full((40, 40), 32896, dtype=np.uint16))  # 128 * 257
     assert img.mode == "I;16"
-    _save(img, tmp_path / "deep.png")
-    by_name, lines = _scan(tmp_path)
+    save(img, tmp_path / "deep.png")
+    by_name, lines = scan(tmp_path)
     assert by_name["deep.png"].image.getpixel((3, 3)) == (128, 128, 128)
     assert len(lines) == 1 and "16-bit" in lines[0]
 
@@ -122,9 +100,9 @@ def test_16bit_mode_i_scaled():
 def test_one_bit_and_grayscale(tmp_path):
     one = Image.new("1", (40, 40), 1)
     one.paste(0, (0, 0, 20, 40))
-    _save(one, tmp_path / "one.png")
-    _save(Image.new("L", (40, 40), 77), tmp_path / "gray.bmp")
-    by_name, lines = _scan(tmp_path)
+    save(one, tmp_path / "one.png")
+    save(Image.new("L", (40, 40), 77), tmp_path / "gray.bmp")
+    by_name, lines = scan(tmp_path)
     assert by_name["one.png"].image.getpixel((5, 5)) == (0, 0, 0)
     assert by_name["one.png"].image.getpixel((30, 5)) == (255, 255, 255)
     assert by_name["gray.bmp"].image.getpixel((5, 5)) == (77, 77, 77)
@@ -136,7 +114,7 @@ def test_animated_uses_first_frame(tmp_path, ext):
     frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / f"anim.{ext}", save_all=True, append_images=frames[1:], duration=100,
                    **({"lossless": True} if ext == "webp" else {}))
-    by_name, lines = _scan(tmp_path)
+    by_name, lines = scan(tmp_path)
     assert by_name[f"anim.{ext}"].image.getpixel((20, 20)) == (255, 0, 0)
     assert len(lines) == 1 and "first frame" in lines[0] and f"anim.{ext}" in lines[0]
 
@@ -145,30 +123,30 @@ def test_animated_uses_first_frame(tmp_path, ext):
 
 
 def _assert_skipped(tmp_path, name, reason_word, **kw):
-    _save(_noise(seed=99), tmp_path / "good.png")
-    by_name, lines = _scan(tmp_path, **kw)
+    save(noise(seed=99), tmp_path / "good.png")
+    by_name, lines = scan(tmp_path, **kw)
     assert list(by_name) == ["good.png"]
-    mine = _lines_for(lines, name)
+    mine = lines_for(lines, name)
     assert len(mine) == 1 and "skipped" in mine[0] and reason_word in mine[0], lines
     return mine[0]
 
 
 def test_tiny_image_skipped(tmp_path):
-    _save(_noise((20, 50)), tmp_path / "tiny.png")
+    save(noise((20, 50)), tmp_path / "tiny.png")
     _assert_skipped(tmp_path, "tiny.png", "too small")
 
 
 def test_extreme_aspect_skipped(tmp_path):
-    _save(_noise((410, 100)), tmp_path / "wide.png")
-    _save(_noise((400, 100), seed=3), tmp_path / "ok_wide.png")  # exactly 4:1 is still accepted
-    by_name, lines = _scan(tmp_path)
+    save(noise((410, 100)), tmp_path / "wide.png")
+    save(noise((400, 100), seed=3), tmp_path / "ok_wide.png")  # exactly 4:1 is still accepted
+    by_name, lines = scan(tmp_path)
     assert list(by_name) == ["ok_wide.png"]
     assert len(lines) == 1 and "wide.png" in lines[0] and "aspect" in lines[0]
 
 
 def test_decompression_bomb_guard(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAX_PIXELS", 100 * 100)
-    _save(_noise((101, 100)), tmp_path / "bomb.png")
+    save(noise((101, 100)), tmp_path / "bomb.png")
     before = Image.MAX_IMAGE_PIXELS
     _assert_skipped(tmp_path, "bomb.png", "decompression bomb")
     assert Image.MAX_IMAGE_PIXELS == before  # the global PIL limit is never touched
@@ -177,10 +155,10 @@ def test_decompression_bomb_guard(tmp_path, monkeypatch):
 def test_pil_bomb_warning_is_a_skip(tmp_path, monkeypatch):
     # PIL's own guard (warning -> error) also ends as a skip, even if our limit were higher.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)
-    _save(_noise((60, 60)), tmp_path / "big.png")
-    _save(_noise((110, 110)), tmp_path / "huge.png")  # > 2x the limit: DecompressionBombError
-    _save(_noise((40, 40), seed=5), tmp_path / "good.png")
-    by_name, lines = _scan(tmp_path)
+    save(noise((60, 60)), tmp_path / "big.png")
+    save(noise((110, 110)), tmp_path / "huge.png")  # > 2x the limit: DecompressionBombError
+    save(noise((40, 40), seed=5), tmp_path / "good.png")
+    by_name, lines = scan(tmp_path)
     assert list(by_name) == ["good.png"]
     assert all("decompression bomb" in line for line in lines) and len(lines) == 2
 
@@ -192,7 +170,7 @@ def test_zero_byte_skipped(tmp_path):
 
 @pytest.mark.parametrize("ext", ["jpg", "png"])
 def test_truncated_skipped(tmp_path, ext):
-    path = _save(_noise((200, 200), seed=7), tmp_path / f"cut.{ext}")
+    path = save(noise((200, 200), seed=7), tmp_path / f"cut.{ext}")
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     _assert_skipped(tmp_path, f"cut.{ext}", "truncated")
@@ -206,7 +184,7 @@ def test_text_with_image_extension_skipped(tmp_path):
 def test_unreadable_permissions_skipped(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("running as root: root can read files without read permission")
-    path = _save(_noise(), tmp_path / "locked.png")
+    path = save(noise(), tmp_path / "locked.png")
     path.chmod(0)
     try:
         _assert_skipped(tmp_path, "locked.png", "permission denied")
@@ -215,7 +193,7 @@ def test_unreadable_permissions_skipped(tmp_path):
 
 
 def test_permission_error_path_via_monkeypatch(tmp_path, monkeypatch):
-    _save(_noise(), tmp_path / "locked.png")
+    save(noise(), tmp_path / "locked.png")
     real_open = Image.open
 
     def fake_open(fp, *a, **kw):
@@ -232,123 +210,22 @@ def test_symlink_loop_and_broken_link_skipped(tmp_path):
     os.symlink(tmp_path / "a.png", tmp_path / "b.png")
     os.symlink(tmp_path / "missing.png", tmp_path / "dangling.jpg")
     (tmp_path / "folder.png").mkdir()
-    _save(_noise(), tmp_path / "good.png")
-    by_name, lines = _scan(tmp_path)
+    save(noise(), tmp_path / "good.png")
+    by_name, lines = scan(tmp_path)
     assert list(by_name) == ["good.png"]
-    assert "symlink loop" in _lines_for(lines, "a.png")[0]
-    assert "symlink loop" in _lines_for(lines, "b.png")[0]
-    assert "broken symlink" in _lines_for(lines, "dangling.jpg")[0]
-    assert "directory" in _lines_for(lines, "folder.png")[0]
+    assert "symlink loop" in lines_for(lines, "a.png")[0]
+    assert "symlink loop" in lines_for(lines, "b.png")[0]
+    assert "broken symlink" in lines_for(lines, "dangling.jpg")[0]
+    assert "directory" in lines_for(lines, "folder.png")[0]
 
 
 def test_duplicates_keep_first_by_name(tmp_path):
-    img = _noise(seed=4)
-    _save(img, tmp_path / "b.png")
-    _save(img, tmp_path / "a.bmp")  # same pixels, different container
-    by_name, lines = _scan(tmp_path)
+    img = noise(seed=4)
+    save(img, tmp_path / "b.png")
+    save(img, tmp_path / "a.bmp")  # same pixels, different container
+    by_name, lines = scan(tmp_path)
     assert list(by_name) == ["a.bmp"]
     assert len(lines) == 1 and "b.png" in lines[0] and "duplicate of a.bmp" in lines[0]
-
-
-# ------------------------------------------------------------------------------------------ captions
-
-
-@pytest.mark.parametrize("raw", [
-    codecs.BOM_UTF8 + "  a photo of sks café \n".encode(),
-    "a photo of sks café".encode("utf-8"),
-    "a photo of sks café\r\n".encode("utf-16"),  # with BOM, native order
-    codecs.BOM_UTF16_LE + "a photo of sks café".encode("utf-16-le"),
-    codecs.BOM_UTF16_BE + "a photo of sks café".encode("utf-16-be"),
-])
-def test_caption_encodings(tmp_path, raw):
-    _save(_noise(), tmp_path / "x.png")
-    (tmp_path / "x.txt").write_bytes(raw)
-    by_name, lines = _scan(tmp_path, None)
-    assert by_name["x.png"].caption == "a photo of sks café"
-    assert lines == []
-
-
-def test_caption_sources_and_empty_caption_fallback(tmp_path):
-    _save(_noise(seed=1), tmp_path / "a.PNG")
-    (tmp_path / "a.txt").write_text("own caption")  # beside the image: wins over the default
-    _save(_noise(seed=2), tmp_path / "b.png")  # no caption file: the default, silently
-    _save(_noise(), tmp_path / "x.png")
-    (tmp_path / "x.txt").write_text("  \n\t")  # blank: the default, with a warning
-    by_name, lines = _scan(tmp_path)
-    assert by_name["a.PNG"].caption == "own caption" and by_name["b.png"].caption == PROMPT
-    assert by_name["x.png"].caption == PROMPT
-    assert len(lines) == 1 and "x.txt" in lines[0] and "empty" in lines[0]
-
-
-# Latin-1 bytes are invalid UTF-8; UTF-16 without a BOM "decodes" as UTF-8 full of NULs and must not pass.
-@pytest.mark.parametrize("raw", [b"caf\xe9 latin-1 \x80", "sks dog".encode("utf-16-le")])
-def test_undecodable_caption_falls_back_with_warning(tmp_path, raw):
-    _save(_noise(), tmp_path / "x.png")
-    (tmp_path / "x.txt").write_bytes(raw)
-    by_name, lines = _scan(tmp_path)
-    assert by_name["x.png"].caption == PROMPT
-    assert len(lines) == 1 and "x.txt" in lines[0] and "UTF-8" in lines[0]
-
-
-def test_caption_without_image_warns(tmp_path):
-    _save(_noise(), tmp_path / "x.png")
-    (tmp_path / "orphan.txt").write_text("lonely")
-    (tmp_path / "README.md").write_text("ignored silently")
-    _, lines = _scan(tmp_path)
-    assert lines == [f"{tmp_path / 'orphan.txt'}: caption without image, ignored"]
-
-
-def test_missing_captions_without_default_is_one_error(tmp_path):
-    _save(_noise(seed=1), tmp_path / "a.png")
-    (tmp_path / "a.txt").write_text("fine")
-    _save(_noise(seed=2), tmp_path / "b.png")
-    _save(_noise(seed=3), tmp_path / "c.jpg")
-    _save(_noise(seed=4), tmp_path / "d.png")
-    (tmp_path / "d.txt").write_text("")
-    with pytest.raises(DataError) as err:
-        scan_folder(tmp_path, None)
-    msg = str(err.value)
-    assert "b.png" in msg and "c.jpg" in msg and "d.png (caption file is empty)" in msg
-    assert "a.png" not in msg and str(tmp_path) in msg
-    assert ".txt" in msg and "data.instance_prompt" in msg
-    with pytest.raises(DataError, match="b.png"):  # a blank default prompt counts as none
-        scan_folder(tmp_path, "   ")
-
-
-# ------------------------------------------------------------------------------------------ folders
-
-
-def test_empty_folder_refused(tmp_path):
-    (tmp_path / "notes.txt").write_text("no images here")
-    with pytest.raises(DataError, match="no usable images in") as err:
-        scan_folder(tmp_path, PROMPT)
-    assert str(tmp_path) in str(err.value) and "fix" in str(err.value)
-    # Image files that are all unusable: same refusal, with each file's reason.
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "fake.jpg").write_text("nope")
-    with pytest.raises(DataError, match="no usable images in") as err:
-        scan_folder(tmp_path, PROMPT)
-    assert "empty.png" in str(err.value) and "fake.jpg" in str(err.value)
-
-
-def test_nonexistent_and_file_folder_refused(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        scan_folder(tmp_path / "nope", PROMPT)
-    path = _save(_noise(), tmp_path / "x.png")
-    with pytest.raises(DataError, match="not a directory"):
-        scan_folder(path, PROMPT)
-
-
-def test_load_samples_reports_each_line(tmp_path):
-    _save(_noise(), tmp_path / "a.png")
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "orphan.txt").write_text("x")
-    got: list[str] = []
-    samples = load_samples(str(tmp_path), PROMPT, warn=got.append)
-    assert [s.path.name for s in samples] == ["a.png"]
-    assert len(got) == 2 and "empty.png" in got[0] and "orphan.txt" in got[1]
-    with pytest.raises(AttributeError):  # Sample is frozen
-        samples[0].caption = "other"
 
 
 # ------------------------------------------------------------------------------------------ prepare_image
@@ -362,7 +239,7 @@ def _thirds(size=(90, 30)) -> Image.Image:
 
 
 def test_prepare_shape_range_dtype():
-    t = prepare_image(_noise((80, 60)), 32)
+    t = prepare_image(noise((80, 60)), 32)
     assert t.shape == (3, 32, 32) and t.dtype == torch.float32
     assert t.min() >= -1.0 and t.max() <= 1.0
     white = prepare_image(Image.new("RGB", (40, 40), (255, 255, 255)), 16)
@@ -372,8 +249,8 @@ def test_prepare_shape_range_dtype():
 
 @pytest.mark.parametrize("size", [(90, 30), (30, 90), (31, 200), (500, 47)])
 def test_prepare_respects_resolution_for_non_square(size):
-    assert prepare_image(_noise(size), 24).shape == (3, 24, 24)
-    assert prepare_image(_noise(size), 24, center_crop=False, rng=random.Random(1)).shape == (3, 24, 24)
+    assert prepare_image(noise(size), 24).shape == (3, 24, 24)
+    assert prepare_image(noise(size), 24, center_crop=False, rng=random.Random(1)).shape == (3, 24, 24)
 
 
 def test_center_crop_takes_the_middle():
@@ -384,7 +261,7 @@ def test_center_crop_takes_the_middle():
 
 
 def test_random_crop_deterministic_and_varied():
-    img = _noise((120, 40), seed=8)
+    img = noise((120, 40), seed=8)
     a = prepare_image(img, 40, center_crop=False, rng=random.Random(123))
     b = prepare_image(img, 40, center_crop=False, rng=random.Random(123))
     assert torch.equal(a, b)
@@ -398,7 +275,7 @@ def test_random_crop_deterministic_and_varied():
 
 
 def test_hflip():
-    t, f = prepare_image(_noise(), 30), hflip(prepare_image(_noise(), 30))
+    t, f = prepare_image(noise(), 30), hflip(prepare_image(noise(), 30))
     assert f.shape == t.shape and torch.equal(f[:, :, 0], t[:, :, -1]) and torch.equal(hflip(f), t)
     left = prepare_image(_thirds((30, 30)), 30)
     assert left[0, 0, 0] == 1.0 and hflip(left)[2, 0, 0] == 1.0  # red left edge -> blue left edge
@@ -438,13 +315,13 @@ def test_fifo_named_like_an_image_does_not_hang(tmp_path):
 
 
 def test_malformed_exif_keeps_the_image_as_stored(tmp_path):
-    img = _noise((60, 40), seed=11)
-    _save(img, tmp_path / "bad_orientation.jpg", quality=95,  # orientation 9 does not exist
+    img = noise((60, 40), seed=11)
+    save(img, tmp_path / "bad_orientation.jpg", quality=95,  # orientation 9 does not exist
           exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x09\x00\x00")
-    _save(img.transpose(Image.Transpose.ROTATE_90), tmp_path / "garbage.jpg", exif=b"Exif\x00\x00garbage!!")
+    save(img.transpose(Image.Transpose.ROTATE_90), tmp_path / "garbage.jpg", exif=b"Exif\x00\x00garbage!!")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL says "Corrupt EXIF data" on its own
-        by_name, lines = _scan(tmp_path)
+        by_name, lines = scan(tmp_path)
     assert by_name["bad_orientation.jpg"].image.size == (60, 40) and by_name["garbage.jpg"].image.size == (40, 60)
     assert lines == []
 
@@ -454,45 +331,26 @@ def test_exif_that_cannot_be_applied_gives_a_note(tmp_path, monkeypatch):
         raise SyntaxError("not a TIFF file")
 
     monkeypatch.setattr(data.ImageOps, "exif_transpose", broken)
-    _save(_noise((60, 40)), tmp_path / "x.jpg")
-    by_name, lines = _scan(tmp_path)
+    save(noise((60, 40)), tmp_path / "x.jpg")
+    by_name, lines = scan(tmp_path)
     assert by_name["x.jpg"].image.size == (60, 40)
     assert lines == [f"{tmp_path / 'x.jpg'}: EXIF orientation unreadable (not a TIFF file), used as stored"]
 
-
-@pytest.mark.parametrize("encoding", ["utf-32", "utf-32-le", "utf-32-be"])
-def test_utf32_captions_with_bom(tmp_path, encoding):
-    bom = {"utf-32": b"", "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}[encoding]
-    _save(_noise(), tmp_path / "x.png")
-    (tmp_path / "x.txt").write_bytes(bom + "sks café".encode(encoding))
-    by_name, lines = _scan(tmp_path, None)
-    assert by_name["x.png"].caption == "sks café" and lines == []
-
-
-def test_unreadable_caption_falls_back_or_is_refused(tmp_path):
-    _save(_noise(), tmp_path / "x.png")
-    os.symlink(tmp_path / "x.txt", tmp_path / "x.txt")  # reading it fails: a symlink loop
-    by_name, lines = _scan(tmp_path)
-    assert by_name["x.png"].caption == PROMPT
-    assert lines == [f"{tmp_path / 'x.txt'}: caption unreadable: symlink loop -> fix: replace the link with "
-                     "the real file; using data.instance_prompt instead"]
-    with pytest.raises(DataError, match=r"x.png \(caption unreadable: symlink loop"):
-        scan_folder(tmp_path, None)
 
 
 def test_duplicates_across_formats_and_modes(tmp_path):
     # Same pixels after conversion count as duplicates: a PNG and its lossless WebP copy; an L image and
     # the same picture stored as RGB. Near-identical pixels (one value off) do not.
-    img = _noise(seed=21)
-    _save(img, tmp_path / "a.png")
-    _save(img, tmp_path / "b.webp", lossless=True)
+    img = noise(seed=21)
+    save(img, tmp_path / "a.png")
+    save(img, tmp_path / "b.webp", lossless=True)
     gray = Image.new("L", (50, 50), 90)
-    _save(gray, tmp_path / "c.png")
-    _save(gray.convert("RGB"), tmp_path / "d.bmp")
+    save(gray, tmp_path / "c.png")
+    save(gray.convert("RGB"), tmp_path / "d.bmp")
     near = np.asarray(img).copy()
     near[0, 0, 0] ^= 1
-    _save(Image.fromarray(near), tmp_path / "e.png")
-    by_name, lines = _scan(tmp_path)
+    save(Image.fromarray(near), tmp_path / "e.png")
+    by_name, lines = scan(tmp_path)
     assert list(by_name) == ["a.png", "c.png", "e.png"]
     assert lines == [f"{tmp_path / 'b.webp'}: skipped: exact duplicate of a.png",
                      f"{tmp_path / 'd.bmp'}: skipped: exact duplicate of c.png"]
@@ -502,8 +360,8 @@ def test_duplicates_across_formats_and_modes(tmp_path):
 def test_trns_colour_key_becomes_white(tmp_path, mode, key):
     img = Image.new(mode, (40, 40), key)  # the keyed colour (black) is transparent
     img.paste((0, 0, 200) if mode == "RGB" else 120, (0, 0, 20, 40))
-    _save(img, tmp_path / "k.png", transparency=key)
-    s = _scan(tmp_path)[0]["k.png"]
+    save(img, tmp_path / "k.png", transparency=key)
+    s = scan(tmp_path)[0]["k.png"]
     assert s.image.getpixel((30, 5)) == (255, 255, 255)
     assert s.image.getpixel((5, 5)) == ((0, 0, 200) if mode == "RGB" else (120, 120, 120))
 
