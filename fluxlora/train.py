@@ -295,11 +295,17 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
     finally:
         bar.close()
         log.close()
+    return _finish(prep, cfg, method, arm, info, t_start)
+
+
+def _finish(prep, cfg, method, arm, info, t_start: float) -> dict:
+    """The main process exports the adapter; every process returns its summary."""
     if not prep.main:
         return {"arm": arm.name, "method": method, "rank": prep.rank}
-    arm.set_status("running", step=done, total=t.steps, method=method)
+    steps = cfg.train.steps
+    arm.set_status("running", step=steps, total=steps, method=method)
     try:
-        export.export_arm(model, info, arm, cfg, method, t.steps)
+        export.export_arm(prep.pipe.transformer, info, arm, cfg, method, steps)
     except OSError as e:
         raise TrainingStopped(f"could not write {arm.adapter_file}: {e} -> the final checkpoint is kept; "
                               f"free disk space and run: fluxlora export {arm.root.parent}") from e
