@@ -285,9 +285,9 @@ def assemble(out: Path, skeleton: Path, vae, net: torch.nn.ModuleDict, cache: di
     tmp.replace(out)
 
 
-def pretrain(out: Path, work: Path, vae_steps: int = 3500, transformer_steps: int = 9000,
+def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: int = 6000,
              batch: int = 32, pool: int = 30000, seed: int = 0, threads: int | None = None,
-             device: str = "cpu", lr: float = 1e-3, object_weight: float = 5.0, save_every: int = 500) -> None:
+             device: str = "cpu", lr: float = 5e-4, object_weight: float = 0.0, save_every: int = 500) -> None:
     if threads:
         torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
