@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
     for flag, kind, what in (("--vae-steps", int, "VAE steps"), ("--transformer-steps", int, "transformer steps"),
                              ("--batch", int, "transformer batch size"), ("--pool", int, "cached world images"),
-                             ("--seed", int, "seed of everything")):
+                             ("--seed", int, "seed of everything"), ("--lr", float, "transformer + T5 peak lr"),
+                             ("--object-weight", float, "extra loss weight of the named object's cell")):
         pt.add_argument(flag, type=kind, default=None, help=f"{what} (default: the shipped model's recipe)")
     return p
 
@@ -127,8 +128,8 @@ def dispatch(args) -> int:
         from fluxlora.toy.pretrain import pretrain
 
         out = Path(args.out)
-        recipe = {k: getattr(args, k) for k in ("vae_steps", "transformer_steps", "batch", "pool", "seed")
-                  if getattr(args, k) is not None}
+        keys = ("vae_steps", "transformer_steps", "batch", "pool", "seed", "lr", "object_weight")
+        recipe = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
         pretrain(out, Path(args.work) if args.work else out.with_name(out.name + ".work"), threads=args.threads,
                  device=args.device, **recipe)
         return 0

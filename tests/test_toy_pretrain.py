@@ -71,3 +71,16 @@ def test_object_weight_covers_every_object(size):
             assert per_token.sum() > 0
             assert (per_token[masks[i].numpy() == 0] == 0).all(), (pos, shape, size)
     assert masks.sum(1).max() < 64 / 3  # the object cell stays a minority of the tokens
+
+
+def test_cli_passes_only_the_recipe_flags_given(monkeypatch, tmp_path):
+    from fluxlora import cli
+    from fluxlora.toy import pretrain as pretrain_module
+
+    calls = []
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda out, work, **kw: calls.append((out, work, kw)))
+    assert cli.main(["toy", "pretrain", "--out", str(tmp_path / "m"), "--lr", "2e-4", "--object-weight", "5",
+                     "--transformer-steps", "8000"]) == 0
+    out, work, kw = calls[0]
+    assert work == tmp_path / "m.work"
+    assert kw == {"threads": None, "device": "cpu", "transformer_steps": 8000, "lr": 2e-4, "object_weight": 5.0}
