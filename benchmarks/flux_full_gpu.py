@@ -142,20 +142,18 @@ def measure(model, method: str, resolution: int, checkpointing: bool, args, conf
         opt = torch.optim.AdamW(adapters.trainable_parameters(model), lr=1e-5)
         batch = inputs(config, resolution, device, dtype)
         try:
-            times = timed_steps(model, batch, opt, args, device)
+            s_per_it = statistics.median(timed_steps(model, batch, opt, args, device))
         except torch.OutOfMemoryError:  # recorded as a result: this setting does not fit on this GPU
-            opt = batch = None
-            return {"method": method, "resolution": resolution, "checkpointing": checkpointing, "s_per_it": None,
-                    "peak_gib": "OOM", "init_s": info.init_seconds, "trainable_params": info.trainable_params,
-                    "step_tflop": None}
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        # bitsandbytes' int8/nf4 kernels are invisible to the FLOP counter: the floor is for the full base
-        flops = step_flops(model, batch, opt, checkpointing) if args.flops and not quantized(model) else None
+            s_per_it, peak, flops = None, "OOM", None
+        else:
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            # bitsandbytes' int8/nf4 kernels are invisible to the FLOP counter: the floor is for the full base
+            flops = step_flops(model, batch, opt, checkpointing) if args.flops and not quantized(model) else None
     finally:
         model.disable_gradient_checkpointing()
         adapters.remove(model, info)
     return {"method": method, "resolution": resolution, "checkpointing": checkpointing,
-            "s_per_it": statistics.median(times), "peak_gib": peak, "init_s": info.init_seconds,
+            "s_per_it": s_per_it, "peak_gib": peak, "init_s": info.init_seconds,
             "trainable_params": info.trainable_params, "step_tflop": None if flops is None else flops / 1e12}
 
 
@@ -177,14 +175,11 @@ def _fmt(value, spec: str) -> str:
 
 
 def table_row(r: dict) -> str:
-    floor = r["floor_s_per_it"]
-    if r["s_per_it"] is None:  # out of memory
-        return (f"| {r['base']} | {'on' if r['checkpointing'] else 'off'} | {r['resolution']} | {r['method']} | "
-                f"- | - | - | OOM | {r['init_s']:.2f} |")
-    ratio = None if floor is None else r["s_per_it"] / floor
+    floor, s_per_it, peak = r["floor_s_per_it"], r["s_per_it"], r["peak_gib"]
+    ratio = None if floor is None or s_per_it is None else s_per_it / floor
+    peak = peak if isinstance(peak, str) else _fmt(peak, ".2f")  # "OOM": the setting did not fit
     return (f"| {r['base']} | {'on' if r['checkpointing'] else 'off'} | {r['resolution']} | {r['method']} | "
-            f"{r['s_per_it']:.3f} | {_fmt(floor, '.3f')} | {_fmt(ratio, '.2f')} | {_fmt(r['peak_gib'], '.2f')} | "
-            f"{r['init_s']:.2f} |")
+            f"{_fmt(s_per_it, '.3f')} | {_fmt(floor, '.3f')} | {_fmt(ratio, '.2f')} | {peak} | {r['init_s']:.2f} |")
 
 
 def parse_args(argv=None):

@@ -270,7 +270,7 @@ def _apply_overrides(raw: dict, overrides: Sequence[str], problems: list[Problem
         keys = tuple(path.strip().split("."))
         fields = section_fields(RunConfig, keys[:-1])
         if fields is None or keys[-1] not in fields:
-            parent = section_fields(RunConfig, keys[:-1]) or RunConfig.model_fields
+            parent = fields or RunConfig.model_fields
             problems.append(Problem(path, None, "no such config field", did_you_mean(keys[-1], parent)))
             continue
         try:

@@ -49,3 +49,18 @@ def test_init_time_quick_subset_includes_lora_sb():
     bad = subprocess.run([sys.executable, "benchmarks/init_time.py", "--methods", "nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--methods must name some of" in bad.stderr
+
+
+def test_flux_full_gpu_records_an_out_of_memory_setting_as_a_row(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import flux_full_gpu
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(flux_full_gpu, "timed_steps", out_of_memory)
+    assert flux_full_gpu.main(["--tiny", "--bases", "full", "--methods", "lora", "--checkpointing", "on"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float32")]
+    assert len(rows) == 1 and "| - | - | - | OOM |" in rows[0], rows
