@@ -126,6 +126,36 @@ def timed_steps(model, batch: dict, opt, args, device) -> list[float]:
     return times
 
 
+def kernel_kind(name: str) -> str:
+    """matmul / attention / other, from a CUDA kernel's or an aten op's name."""
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")):
+        return "matmul"
+    return "other"
+
+
+def profile_steps(model, batch: dict, opt, device, steps: int = 3) -> tuple[dict, str]:
+    """Where a step's time goes: ms per step in matmul / attention / other (CUDA kernels on a GPU, aten
+    ops' self time on the CPU), and torch.profiler's top-30 table."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step(model, batch, opt)
+        sync(device)
+    events = prof.key_averages()
+    split = dict.fromkeys(("matmul", "attention", "other"), 0.0)
+    for e in events:
+        if not cuda or e.device_type == DeviceType.CUDA:
+            split[kernel_kind(e.key)] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return split, events.table(sort_by=sort, row_limit=30)
+
+
 def measure(model, method: str, resolution: int, checkpointing: bool, args, config, device, dtype) -> dict:
     from fluxlora import adapters
     from fluxlora.families import flux
@@ -144,17 +174,19 @@ def measure(model, method: str, resolution: int, checkpointing: bool, args, conf
         try:
             s_per_it = statistics.median(timed_steps(model, batch, opt, args, device))
         except torch.OutOfMemoryError:  # recorded as a result: this setting does not fit on this GPU
-            s_per_it, peak, flops = None, "OOM", None
+            s_per_it, peak, flops, profiled = None, "OOM", None, (None, None)
         else:
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             # bitsandbytes' int8/nf4 kernels are invisible to the FLOP counter: the floor is for the full base
             flops = step_flops(model, batch, opt, checkpointing) if args.flops and not quantized(model) else None
+            profiled = profile_steps(model, batch, opt, device) if args.profile else (None, None)
     finally:
         model.disable_gradient_checkpointing()
         adapters.remove(model, info)
     return {"method": method, "resolution": resolution, "checkpointing": checkpointing,
             "s_per_it": s_per_it, "peak_gib": peak, "init_s": info.init_seconds,
-            "trainable_params": info.trainable_params, "step_tflop": None if flops is None else flops / 1e12}
+            "trainable_params": info.trainable_params, "step_tflop": None if flops is None else flops / 1e12,
+            "profile_ms": profiled[0], "profile_table": profiled[1]}
 
 
 def quantized(model) -> bool:
@@ -194,6 +226,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     ap.add_argument("--jsonl", default=None, help="append every result as a JSON line here")
+    ap.add_argument("--profile", default=None,
+                    help="profile 3 more steps per setting; append the time split and top-op table to this file")
     return ap.parse_args(argv)
 
 
@@ -225,6 +259,10 @@ def main(argv=None) -> int:
                     floor = r["step_tflop"] / tflops if r["step_tflop"] else None
                     r["floor_s_per_it"] = floor
                     print(table_row(r), flush=True)
+                    table = r.pop("profile_table")
+                    if args.profile and table:
+                        with open(args.profile, "a") as f:
+                            f.write(f"{table_row(r)}\nms per step: {r['profile_ms']}\n{table}\n")
                     if args.jsonl:
                         with open(args.jsonl, "a") as f:
                             f.write(json.dumps(r) + "\n")

@@ -54,6 +54,9 @@ def main() -> None:
         target = TARGETS.get(key)
         mark = "" if target is None else ("pass" if acc[key] >= target else "FAIL")
         print(f"| {key} | {acc[key]:.3f} | {'' if target is None else f'{target:.2f}'} | {mark} |")
+    found = [detect.detect(a) for a in arrays]
+    swaps = sum(d.bg == s.color and d.color == s.bg for d, (s, _, _) in zip(found, pairs))
+    print(f"background/object colour swapped (word order lost): {swaps}/{len(pairs)}")
     if args.save_grid:
         from PIL import Image
 

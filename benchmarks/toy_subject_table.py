@@ -39,7 +39,7 @@ def across_runs(groups: list[GroupDir], keys=("subject_fidelity", "prior_drift_p
                     for k in keys:
                         values.setdefault((arm.name, r["step"], k), []).append(r[k])
     rows = sorted({(a, s) for a, s, _ in values}, key=lambda x: ([g.name for g in groups[0].arms()].index(x[0]), x[1]))
-    lines = [f"| arm | step | n | " + " | ".join(keys) + " |", "|---|---:|---:|" + "---:|" * len(keys)]
+    lines = ["| arm | step | n | " + " | ".join(keys) + " |", "|---|---:|---:|" + "---:|" * len(keys)]
     for arm, step in rows:
         cells = []
         for k in keys:

@@ -64,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--work", default=None, help="work/resume folder (default: <out>.work)")
     pt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     pt.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
+    pt.add_argument("--snapshot", action="store_true",
+                    help="do not train: assemble --out from the work folder's latest checkpoint (EMA weights)")
     for flag, kind, what in (("--vae-steps", int, "VAE steps"), ("--transformer-steps", int, "transformer steps"),
                              ("--batch", int, "transformer batch size"), ("--pool", int, "cached world images"),
-                             ("--seed", int, "seed of everything"), ("--lr", float, "transformer + T5 peak lr"),
+                             ("--seed", int, "seed of everything"), ("--lr", float, "transformer peak lr"),
+                             ("--t5-lr", float, "T5 encoder peak lr (--lr if not given)"),
                              ("--object-weight", float, "extra loss weight of the named object's cell")):
         pt.add_argument(flag, type=kind, default=None, help=f"{what} (default: the shipped model's recipe)")
     return p
@@ -125,13 +128,16 @@ def dispatch(args) -> int:
 
         return serve(Path(args.runs), args.host, args.port, args.auth)
     if args.command == "toy":
-        from fluxlora.toy.pretrain import pretrain
+        from fluxlora.toy.pretrain import pretrain, snapshot
 
         out = Path(args.out)
-        keys = ("vae_steps", "transformer_steps", "batch", "pool", "seed", "lr", "object_weight")
+        work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+        if args.snapshot:
+            print(f"{out}: transformer step {snapshot(out, work)}")
+            return 0
+        keys = ("vae_steps", "transformer_steps", "batch", "pool", "seed", "lr", "t5_lr", "object_weight")
         recipe = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-        pretrain(out, Path(args.work) if args.work else out.with_name(out.name + ".work"), threads=args.threads,
-                 device=args.device, **recipe)
+        pretrain(out, work, threads=args.threads, device=args.device, **recipe)
         return 0
     return 2
 

@@ -64,3 +64,22 @@ def test_flux_full_gpu_records_an_out_of_memory_setting_as_a_row(monkeypatch, ca
     assert flux_full_gpu.main(["--tiny", "--bases", "full", "--methods", "lora", "--checkpointing", "on"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float32")]
     assert len(rows) == 1 and "| - | - | - | OOM |" in rows[0], rows
+
+
+def test_flux_full_gpu_profile_splits_the_step_time(monkeypatch, tmp_path):
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import flux_full_gpu
+
+    assert flux_full_gpu.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert flux_full_gpu.kernel_kind("flash_fwd_kernel") == "attention"
+    assert flux_full_gpu.kernel_kind("aten::mul") == "other"
+    prof, jsonl = tmp_path / "profile.txt", tmp_path / "r.jsonl"
+    assert flux_full_gpu.main(["--tiny", "--bases", "full", "--methods", "lora", "--checkpointing", "off",
+                               "--steps", "1", "--warmup", "0", "--profile", str(prof), "--jsonl", str(jsonl)]) == 0
+    (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert "profile_table" not in record  # the table goes to the profile file only
+    assert record["profile_ms"]["matmul"] > 0 and record["profile_ms"]["attention"] > 0
+    text = prof.read_text()
+    assert text.startswith("| float32 | off | 64 | lora |") and "ms per step" in text and "aten::" in text

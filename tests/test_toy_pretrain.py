@@ -1,5 +1,6 @@
 """`fluxlora toy pretrain`: every stage runs, the result is a diffusers pipeline, an interrupted run resumes
-to exactly the weights of an uninterrupted one, and the object-cell loss weight covers every object."""
+to exactly the weights of an uninterrupted one, a snapshot assembles the latest checkpoint, the T5 lr is
+its own, and the object-cell loss weight covers every object."""
 
 from __future__ import annotations
 
@@ -59,6 +60,28 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
         assert all(torch.equal(wa[k], wb[k]) for k in wa), part
 
 
+def test_snapshot_assembles_the_checkpoint_and_t5_lr_is_its_own(tmp_path):
+    """With the T5 lr at 0 the T5 weights stay the skeleton's; a snapshot of the finished work folder
+    holds exactly the weights the run assembled."""
+    from safetensors.torch import load_file
+
+    with pytest.raises(FileNotFoundError, match="transformer.pt"):
+        P.snapshot(tmp_path / "snap", tmp_path / "work")
+    P.pretrain(tmp_path / "full", tmp_path / "work", **{**TINY, "t5_lr": 0.0})
+    assert P.snapshot(tmp_path / "snap", tmp_path / "work") == TINY["transformer_steps"]
+    for part in ("transformer", "text_encoder_2", "vae"):
+        (a,) = (tmp_path / "full" / part).glob("*.safetensors")
+        (b,) = (tmp_path / "snap" / part).glob("*.safetensors")
+        wa, wb = load_file(a), load_file(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), part
+    (a,) = (tmp_path / "work" / "skeleton" / "text_encoder_2").glob("*.safetensors")
+    (b,) = (tmp_path / "full" / "text_encoder_2").glob("*.safetensors")
+    wa, wb = load_file(a), load_file(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+    state = torch.load(tmp_path / "work" / "transformer.pt", weights_only=False)
+    assert [g["peak"] for g in state["opt"]["param_groups"]] == [5e-4, 0.0]
+
+
 @pytest.mark.parametrize("size", list(world.SIZES))
 def test_object_weight_covers_every_object(size):
     """The weighted tokens (from the caption's position only) contain every pixel of the object."""
@@ -80,7 +103,19 @@ def test_cli_passes_only_the_recipe_flags_given(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(pretrain_module, "pretrain", lambda out, work, **kw: calls.append((out, work, kw)))
     assert cli.main(["toy", "pretrain", "--out", str(tmp_path / "m"), "--lr", "2e-4", "--object-weight", "5",
-                     "--transformer-steps", "8000"]) == 0
+                     "--transformer-steps", "8000", "--t5-lr", "1e-4"]) == 0
     out, work, kw = calls[0]
     assert work == tmp_path / "m.work"
-    assert kw == {"threads": None, "device": "cpu", "transformer_steps": 8000, "lr": 2e-4, "object_weight": 5.0}
+    assert kw == {"threads": None, "device": "cpu", "transformer_steps": 8000, "lr": 2e-4, "t5_lr": 1e-4,
+                  "object_weight": 5.0}
+
+
+def test_cli_snapshot_trains_nothing(monkeypatch, tmp_path, capsys):
+    from fluxlora import cli
+    from fluxlora.toy import pretrain as pretrain_module
+
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **kw: pytest.fail("trained"))
+    monkeypatch.setattr(pretrain_module, "snapshot", lambda out, work: 3000 if work == tmp_path / "w" else -1)
+    assert cli.main(["toy", "pretrain", "--out", str(tmp_path / "m"), "--work", str(tmp_path / "w"),
+                     "--snapshot"]) == 0
+    assert "transformer step 3000" in capsys.readouterr().out

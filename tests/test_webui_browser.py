@@ -153,7 +153,7 @@ def _field(pg, elem_id: str):
 
 
 def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux):
-    pg, (url, runs, handlers) = page, server
+    pg, (_, runs, handlers) = page, server
     files = []
     for i in range(3):
         files.append(tmp_path / f"s{i}.png")

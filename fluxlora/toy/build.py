@@ -10,7 +10,6 @@ one carried it too weakly (colour accuracy near 0.6 in a measured run).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

@@ -127,7 +127,7 @@ def build_cache(work: Path, skeleton: Path, vae, pool: int, seed: int, device: s
     path = work / "cache.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
     gen = world.stream(seed + 1)
     images, captions, cells = [], [], []
@@ -206,14 +206,49 @@ def flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids, cell
     return (weight * (pred - noise + x0) ** 2).mean() / weight.mean()
 
 
+def lr_factor(step: int, steps: int, warmup: int = 300) -> float:
+    """Multiplier of the peak lr: linear warm-up, then a cosine from 1 down to 0.1."""
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, step: int) -> None:
+    decay = min(0.999, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def training_tensors(cache: dict, device: str) -> tuple:
+    """Normalized latents, T5 ids, pooled CLIP embeddings, FLUX position ids and the cell masks."""
+    lat = ((cache["latents"] - cache["shift"]) * cache["scale"]).to(device)
+    _, _, h, w = lat.shape
+    img_ids, txt_ids = image_ids(h, w).to(device), torch.zeros(build.T5_MAX_LENGTH, 3, device=device)
+    return lat, cache["t5_ids"].to(device), cache["pooled"].to(device), img_ids, txt_ids, cell_token_masks(h, w)
+
+
+def resume_transformer(ckpt: Path, net, ema, opt, device: str) -> int:
+    """Load a transformer-stage checkpoint (weights, EMA, optimizer, RNG); the step it holds, or 0."""
+    if not ckpt.exists():
+        return 0
+    state = torch.load(ckpt, weights_only=False, map_location=device)
+    if len(state["opt"]["param_groups"]) != len(opt.param_groups):
+        raise ValueError(f"{ckpt}: written by an older fluxlora (one optimizer group for transformer + T5); "
+                         "pretrain into a new --work folder")
+    net.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["rng"].cpu())
+    return state["step"]
+
+
 def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch: int, seed: int,
                       device: str = "cpu", lr: float = 5e-4, object_weight: float = 0.0,
-                      save_every: int = 500) -> torch.nn.ModuleDict:
+                      save_every: int = 500, t5_lr: float | None = None) -> torch.nn.ModuleDict:
     """Flow matching on cached latents; the small T5 encoder trains jointly (EMA of both is returned).
 
     FLUX gives text tokens no positional ids, so word order ("red circle on a blue background" vs
     "blue circle on a red background") must come from the T5 encoder. A frozen random T5 carries
-    it too weakly: measured on a GPU run, object/background colour accuracy stayed near 0.6."""
+    it too weakly: measured on a GPU run, object/background colour accuracy stayed near 0.6. ``t5_lr``
+    (default: ``lr``) is the T5 encoder's own peak lr; both follow the same warm-up and cosine schedule."""
     from diffusers import FluxTransformer2DModel
     from transformers import T5EncoderModel
 
@@ -222,39 +257,30 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
                                "t5": T5EncoderModel.from_pretrained(skeleton / "text_encoder_2")})
     ema = copy.deepcopy(net).requires_grad_(False)
     net.to(device).train(), ema.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    ckpt, start = work / "transformer.pt", 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
-        net.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        torch.set_rng_state(state["rng"].cpu())
+    peaks = {"transformer": lr, "t5": lr if t5_lr is None else t5_lr}
+    opt = torch.optim.AdamW([{"params": net[k].parameters(), "peak": p} for k, p in peaks.items()],
+                            lr=lr, weight_decay=0.01)
+    ckpt = work / "transformer.pt"
+    start = resume_transformer(ckpt, net, ema, opt, device)
+    if start:
         log(work, f"transformer resumed at step {start}/{steps}")
     if start >= steps:
         return ema.cpu()
-    lat = ((cache["latents"] - cache["shift"]) * cache["scale"]).to(device)
-    ids, pooled = cache["t5_ids"].to(device), cache["pooled"].to(device)
-    _, _, h, w = lat.shape
-    img_ids, txt_ids = image_ids(h, w).to(device), torch.zeros(build.T5_MAX_LENGTH, 3, device=device)
+    lat, ids, pooled, img_ids, txt_ids, masks = training_tensors(cache, device)
     shift = math.exp(build.SCHEDULER_CONFIG["base_shift"])  # FLUX's resolution shift at 64 tokens
-    masks = cell_token_masks(h, w)
-    warmup, t0, peak = 300, time.time(), lr
+    t0 = time.time()
     for step in range(start, steps):
-        lr = peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        factor = lr_factor(step, steps)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = g["peak"] * factor
         loss = flow_loss(net, lat, ids, pooled, cache, batch, shift, img_ids, txt_ids, masks, object_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        update_ema(ema, net, step)
         if (step + 1) % 100 == 0:
-            log(work, f"transformer step {step + 1}/{steps} loss {loss.item():.4f} lr {lr:.2e} "
+            log(work, f"transformer step {step + 1}/{steps} loss {loss.item():.4f} lr {lr * factor:.2e} "
                       f"({time.time() - t0:.0f}s)")
         if (step + 1) % save_every == 0 or step + 1 == steps:
             save_atomic({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -265,7 +291,7 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
 def assemble(out: Path, skeleton: Path, vae, net: torch.nn.ModuleDict, cache: dict) -> None:
     """Write the final diffusers pipeline directory (loadable by FluxPipeline.from_pretrained)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
     vae = vae.cpu()
     vae.register_to_config(shift_factor=cache["shift"], scaling_factor=cache["scale"])
@@ -285,9 +311,30 @@ def assemble(out: Path, skeleton: Path, vae, net: torch.nn.ModuleDict, cache: di
     tmp.replace(out)
 
 
+def snapshot(out: Path, work: Path) -> int:
+    """Assemble ``out`` from the work folder's latest checkpoints (EMA weights) without training: a look at
+    a pretraining that is stopped or paused between saves. Returns the transformer step it holds."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    missing = [n for n in ("vae.pt", "cache.pt", "transformer.pt") if not (work / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{work}: no {', '.join(missing)} yet; the transformer stage has not saved")
+    vae = AutoencoderKL(**build.VAE_CONFIG)
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False, map_location="cpu")["model"])
+    net = torch.nn.ModuleDict({"transformer": FluxTransformer2DModel(**build.TRANSFORMER_CONFIG),
+                               "t5": T5EncoderModel.from_pretrained(work / "skeleton" / "text_encoder_2")})
+    state = torch.load(work / "transformer.pt", weights_only=False, map_location="cpu")
+    net.load_state_dict(state["ema"])
+    cache = torch.load(work / "cache.pt", weights_only=False)
+    assemble(out, work / "skeleton", vae, net, cache)
+    return state["step"]
+
+
 def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: int = 6000,
              batch: int = 32, pool: int = 30000, seed: int = 0, threads: int | None = None,
-             device: str = "cpu", lr: float = 5e-4, object_weight: float = 0.0, save_every: int = 500) -> None:
+             device: str = "cpu", lr: float = 5e-4, object_weight: float = 0.0, save_every: int = 500,
+             t5_lr: float | None = None) -> None:
     if threads:
         torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -301,6 +348,6 @@ def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: in
     cache = build_cache(work, skeleton, vae, pool, seed, device)
     log(work, f"latent shift {cache['shift']:.4f} scale {cache['scale']:.4f}")
     net = train_transformer(work, skeleton, cache, transformer_steps, batch, seed, device, lr, object_weight,
-                            save_every)
+                            save_every, t5_lr)
     assemble(out, skeleton, vae, net, cache)
     log(work, f"done in {time.time() - t0:.0f}s (this invocation) -> {out}")
