@@ -67,7 +67,7 @@ def test_snapshot_assembles_the_checkpoint_and_t5_lr_is_its_own(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="transformer.pt"):
         P.snapshot(tmp_path / "snap", tmp_path / "work")
-    P.pretrain(tmp_path / "full", tmp_path / "work", **{**TINY, "t5_lr": 0.0})
+    P.pretrain(tmp_path / "full", tmp_path / "work", **{**TINY, "lr": 5e-4, "t5_lr": 0.0})
     assert P.snapshot(tmp_path / "snap", tmp_path / "work") == TINY["transformer_steps"]
     for part in ("transformer", "text_encoder_2", "vae"):
         (a,) = (tmp_path / "full" / part).glob("*.safetensors")

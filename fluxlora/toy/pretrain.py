@@ -331,10 +331,11 @@ def snapshot(out: Path, work: Path) -> int:
     return state["step"]
 
 
-def pretrain(out: Path, work: Path, vae_steps: int = 2500, transformer_steps: int = 6000,
+def pretrain(out: Path, work: Path, vae_steps: int = 3500, transformer_steps: int = 8500,
              batch: int = 32, pool: int = 30000, seed: int = 0, threads: int | None = None,
-             device: str = "cpu", lr: float = 5e-4, object_weight: float = 0.0, save_every: int = 500,
-             t5_lr: float | None = None) -> None:
+             device: str = "cpu", lr: float = 1e-3, object_weight: float = 5.0, save_every: int = 500,
+             t5_lr: float | None = 3e-4) -> None:
+    """The defaults are the shipped model's recipe (71 min on a 2-core CPU; see BENCHMARKS.md)."""
     if threads:
         torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
