@@ -131,7 +131,9 @@ def kernel_kind(name: str) -> str:
     n = name.lower()
     if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
         return "attention"
-    if any(k in n for k in ("gemm", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")):
+    # cuBLAS on Hopper names its kernels nvjet_*; split-K reductions and gemv belong to the matmul too
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "splitkreduce",
+                            "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")):
         return "matmul"
     return "other"
 
@@ -148,6 +150,8 @@ def profile_steps(model, batch: dict, opt, device, steps: int = 3) -> tuple[dict
             step(model, batch, opt)
         sync(device)
     events = prof.key_averages()
+    if cuda and not any(e.device_type == DeviceType.CUDA for e in events):
+        raise RuntimeError("torch.profiler recorded no CUDA kernels (CUPTI unavailable?): no time split")
     split = dict.fromkeys(("matmul", "attention", "other"), 0.0)
     for e in events:
         if not cuda or e.device_type == DeviceType.CUDA:

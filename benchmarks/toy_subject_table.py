@@ -27,7 +27,7 @@ def table(group: GroupDir) -> str:
     return "\n".join(lines)
 
 
-def across_runs(groups: list[GroupDir], keys=("subject_fidelity", "prior_drift_px")) -> str:
+def across_runs(groups: list[GroupDir], keys=KEYS) -> str:
     """Mean +- sample sd over runs (e.g. seeds) per arm and sample step."""
     import statistics
 

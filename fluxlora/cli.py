@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind, what in (("--vae-steps", int, "VAE steps"), ("--transformer-steps", int, "transformer steps"),
                              ("--batch", int, "transformer batch size"), ("--pool", int, "cached world images"),
                              ("--seed", int, "seed of everything"), ("--lr", float, "transformer peak lr"),
-                             ("--t5-lr", float, "T5 encoder peak lr (--lr if not given)"),
+                             ("--t5-lr", float, "T5 encoder peak lr (independent of --lr)"),
                              ("--object-weight", float, "extra loss weight of the named object's cell")):
         pt.add_argument(flag, type=kind, default=None, help=f"{what} (default: the shipped model's recipe)")
     return p
@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: a checkpoint was saved; continue with --resume", file=sys.stderr)
+        if args.command == "toy":
+            print("interrupted: run the same command again to resume from the last save", file=sys.stderr)
+        else:
+            print("interrupted: a checkpoint was saved; continue with --resume", file=sys.stderr)
         return 130
 
 
@@ -132,11 +135,14 @@ def dispatch(args) -> int:
 
         out = Path(args.out)
         work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-        if args.snapshot:
-            print(f"{out}: transformer step {snapshot(out, work)}")
-            return 0
         keys = ("vae_steps", "transformer_steps", "batch", "pool", "seed", "lr", "t5_lr", "object_weight")
         recipe = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+        if args.snapshot:
+            if recipe:
+                print(f"error: --snapshot trains nothing; drop {', '.join(recipe)}", file=sys.stderr)
+                return 2
+            print(f"{out}: transformer step {snapshot(out, work)}")
+            return 0
         pretrain(out, work, threads=args.threads, device=args.device, **recipe)
         return 0
     return 2

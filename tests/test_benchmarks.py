@@ -73,6 +73,7 @@ def test_flux_full_gpu_profile_splits_the_step_time(monkeypatch, tmp_path):
     import flux_full_gpu
 
     assert flux_full_gpu.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert flux_full_gpu.kernel_kind("nvjet_tst_128x256_64x4_2x1_v_bz_TNT") == "matmul"
     assert flux_full_gpu.kernel_kind("flash_fwd_kernel") == "attention"
     assert flux_full_gpu.kernel_kind("aten::mul") == "other"
     prof, jsonl = tmp_path / "profile.txt", tmp_path / "r.jsonl"

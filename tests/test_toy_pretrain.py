@@ -31,7 +31,19 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
     assert np.asarray(image).shape == (64, 64, 3)
 
 
-def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def one_group(ckpt):
+    """Rewrite a transformer checkpoint as the older layout wrote it: one optimizer group for all."""
+    state = torch.load(ckpt, weights_only=False)
+    groups = state["opt"]["param_groups"]
+    merged = {k: v for k, v in groups[0].items() if k != "peak"}
+    merged["params"] = [i for g in groups for i in g["params"]]
+    state["opt"]["param_groups"] = [merged]
+    torch.save(state, ckpt)
+
+
+@pytest.mark.parametrize("older_checkpoint", [False, True])
+def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch, older_checkpoint):
+    """Also from a checkpoint of the one-group optimizer layout, and a snapshot between saves works."""
     P.pretrain(tmp_path / "full", tmp_path / "full.work", **TINY)
 
     calls, real = {"n": 0}, P.flow_loss
@@ -46,6 +58,9 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         P.pretrain(tmp_path / "cut", tmp_path / "cut.work", **TINY)
     assert torch.load(tmp_path / "cut.work" / "transformer.pt", weights_only=False)["step"] == 2
+    assert P.snapshot(tmp_path / "snap", tmp_path / "cut.work") == 2
+    if older_checkpoint:
+        one_group(tmp_path / "cut.work" / "transformer.pt")
     monkeypatch.setattr(P, "flow_loss", real)
     P.pretrain(tmp_path / "cut", tmp_path / "cut.work", **TINY)
     log = (tmp_path / "cut.work" / "pretrain.log").read_text()
@@ -65,7 +80,9 @@ def test_snapshot_assembles_the_checkpoint_and_t5_lr_is_its_own(tmp_path):
     holds exactly the weights the run assembled."""
     from safetensors.torch import load_file
 
-    with pytest.raises(FileNotFoundError, match="transformer.pt"):
+    from fluxlora.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="transformer.pt"):
         P.snapshot(tmp_path / "snap", tmp_path / "work")
     P.pretrain(tmp_path / "full", tmp_path / "work", **{**TINY, "lr": 5e-4, "t5_lr": 0.0})
     assert P.snapshot(tmp_path / "snap", tmp_path / "work") == TINY["transformer_steps"]
@@ -119,3 +136,5 @@ def test_cli_snapshot_trains_nothing(monkeypatch, tmp_path, capsys):
     assert cli.main(["toy", "pretrain", "--out", str(tmp_path / "m"), "--work", str(tmp_path / "w"),
                      "--snapshot"]) == 0
     assert "transformer step 3000" in capsys.readouterr().out
+    assert cli.main(["toy", "pretrain", "--out", str(tmp_path / "m"), "--snapshot", "--lr", "1e-3"]) == 2
+    assert "drop lr" in capsys.readouterr().err

@@ -226,16 +226,30 @@ def training_tensors(cache: dict, device: str) -> tuple:
     return lat, cache["t5_ids"].to(device), cache["pooled"].to(device), img_ids, txt_ids, cell_token_masks(h, w)
 
 
+def split_optimizer_groups(opt_state: dict, n_transformer: int) -> dict:
+    """Checkpoints from before T5 had its own lr hold one param group (transformer parameters, then
+    T5's): split it into the current two groups. The per-parameter state is indexed the same way."""
+    groups = opt_state["param_groups"]
+    if len(groups) != 1:
+        return opt_state
+    (old,) = groups
+    split = [{**old, "params": old["params"][:n_transformer], "peak": old["lr"]},
+             {**old, "params": old["params"][n_transformer:], "peak": old["lr"]}]
+    return {**opt_state, "param_groups": split}
+
+
 def resume_transformer(ckpt: Path, net, ema, opt, device: str) -> int:
-    """Load a transformer-stage checkpoint (weights, EMA, optimizer, RNG); the step it holds, or 0."""
+    """Load a transformer-stage checkpoint (weights, EMA, optimizer, RNG); the step it holds, or 0.
+
+    The peak lrs stay the ones this run was called with (loading would restore the checkpoint's)."""
     if not ckpt.exists():
         return 0
     state = torch.load(ckpt, weights_only=False, map_location=device)
-    if len(state["opt"]["param_groups"]) != len(opt.param_groups):
-        raise ValueError(f"{ckpt}: written by an older fluxlora (one optimizer group for transformer + T5); "
-                         "pretrain into a new --work folder")
     net.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["opt"])
+    peaks = [g["peak"] for g in opt.param_groups]
+    opt.load_state_dict(split_optimizer_groups(state["opt"], len(list(net["transformer"].parameters()))))
+    for g, peak in zip(opt.param_groups, peaks):
+        g["peak"] = peak
     torch.set_rng_state(state["rng"].cpu())
     return state["step"]
 
@@ -317,9 +331,12 @@ def snapshot(out: Path, work: Path) -> int:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import T5EncoderModel
 
+    from fluxlora.checkpoint import CheckpointError
+
     missing = [n for n in ("vae.pt", "cache.pt", "transformer.pt") if not (work / n).exists()]
     if missing:
-        raise FileNotFoundError(f"{work}: no {', '.join(missing)} yet; the transformer stage has not saved")
+        raise CheckpointError(f"{work}: no {', '.join(missing)} yet (the transformer stage saves every "
+                              "500 steps); check --work, or wait for the first save")
     vae = AutoencoderKL(**build.VAE_CONFIG)
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False, map_location="cpu")["model"])
     net = torch.nn.ModuleDict({"transformer": FluxTransformer2DModel(**build.TRANSFORMER_CONFIG),
