@@ -138,3 +138,9 @@ def test_cli_snapshot_trains_nothing(monkeypatch, tmp_path, capsys):
     assert "transformer step 3000" in capsys.readouterr().out
     assert cli.main(["toy", "pretrain", "--out", str(tmp_path / "m"), "--snapshot", "--lr", "1e-3"]) == 2
     assert "drop lr" in capsys.readouterr().err
+
+
+def test_progress_estimates_the_time_left_from_this_invocation():
+    # 600 s for 2000 steps -> 0.3 s/step; 6000 steps left -> 30 min
+    assert P.progress(600.0, 2000, 6000) == "600s, ~30 min left"
+    assert P.progress(5.0, 0, 10) == "5s, ~1 min left"  # no step done yet: no division by zero

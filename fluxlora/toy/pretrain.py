@@ -37,6 +37,11 @@ def log(work: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
+def progress(elapsed: float, done: int, left: int) -> str:
+    """'614s, ~33 min left': elapsed seconds of this invocation and the stage's remaining time."""
+    return f"{elapsed:.0f}s, ~{elapsed / max(done, 1) * left / 60:.0f} min left"
+
+
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -114,7 +119,8 @@ def train_vae(work: Path, steps: int, batch: int, seed: int, device: str = "cpu"
         loss.backward()
         opt.step()
         if (step + 1) % 50 == 0:
-            log(work, f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+            log(work, f"vae step {step + 1}/{steps} loss {loss.item():.4f} "
+                      f"({progress(time.time() - t0, step + 1 - start, steps - step - 1)})")
         if (step + 1) % 250 == 0 or step + 1 == steps:
             save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
     return vae
@@ -295,7 +301,7 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
         update_ema(ema, net, step)
         if (step + 1) % 100 == 0:
             log(work, f"transformer step {step + 1}/{steps} loss {loss.item():.4f} lr {lr * factor:.2e} "
-                      f"({time.time() - t0:.0f}s)")
+                      f"({progress(time.time() - t0, step + 1 - start, steps - step - 1)})")
         if (step + 1) % save_every == 0 or step + 1 == steps:
             save_atomic({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": step + 1, "rng": torch.get_rng_state()}, ckpt)
