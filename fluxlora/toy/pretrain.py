@@ -260,6 +260,15 @@ def resume_transformer(ckpt: Path, net, ema, opt, device: str) -> int:
     return state["step"]
 
 
+def transformer_and_t5(skeleton: Path) -> torch.nn.ModuleDict:
+    """The two trained modules of stage 4: a fresh toy FLUX transformer and the skeleton's T5 encoder."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    return torch.nn.ModuleDict({"transformer": FluxTransformer2DModel(**build.TRANSFORMER_CONFIG),
+                                "t5": T5EncoderModel.from_pretrained(skeleton / "text_encoder_2")})
+
+
 def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch: int, seed: int,
                       device: str = "cpu", lr: float = 5e-4, object_weight: float = 0.0,
                       save_every: int = 500, t5_lr: float | None = None) -> torch.nn.ModuleDict:
@@ -269,12 +278,8 @@ def train_transformer(work: Path, skeleton: Path, cache: dict, steps: int, batch
     "blue circle on a red background") must come from the T5 encoder. A frozen random T5 carries
     it too weakly: measured on a GPU run, object/background colour accuracy stayed near 0.6. ``t5_lr``
     (default: ``lr``) is the T5 encoder's own peak lr; both follow the same warm-up and cosine schedule."""
-    from diffusers import FluxTransformer2DModel
-    from transformers import T5EncoderModel
-
     torch.manual_seed(seed)
-    net = torch.nn.ModuleDict({"transformer": FluxTransformer2DModel(**build.TRANSFORMER_CONFIG),
-                               "t5": T5EncoderModel.from_pretrained(skeleton / "text_encoder_2")})
+    net = transformer_and_t5(skeleton)
     ema = copy.deepcopy(net).requires_grad_(False)
     net.to(device).train(), ema.to(device)
     peaks = {"transformer": lr, "t5": lr if t5_lr is None else t5_lr}
@@ -334,8 +339,7 @@ def assemble(out: Path, skeleton: Path, vae, net: torch.nn.ModuleDict, cache: di
 def snapshot(out: Path, work: Path) -> int:
     """Assemble ``out`` from the work folder's latest checkpoints (EMA weights) without training: a look at
     a pretraining that is stopped or paused between saves. Returns the transformer step it holds."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import T5EncoderModel
+    from diffusers import AutoencoderKL
 
     from fluxlora.checkpoint import CheckpointError
 
@@ -345,8 +349,7 @@ def snapshot(out: Path, work: Path) -> int:
                               "500 steps); check --work, or wait for the first save")
     vae = AutoencoderKL(**build.VAE_CONFIG)
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False, map_location="cpu")["model"])
-    net = torch.nn.ModuleDict({"transformer": FluxTransformer2DModel(**build.TRANSFORMER_CONFIG),
-                               "t5": T5EncoderModel.from_pretrained(work / "skeleton" / "text_encoder_2")})
+    net = transformer_and_t5(work / "skeleton")
     state = torch.load(work / "transformer.pt", weights_only=False, map_location="cpu")
     net.load_state_dict(state["ema"])
     cache = torch.load(work / "cache.pt", weights_only=False)
