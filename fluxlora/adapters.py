@@ -1,10 +1,12 @@
-"""Adapter injection through peft, the init seam, trainable parameters and the exportable delta.
+"""Adapter injection, the init seam, trainable parameters and the exportable delta.
 
-The only module that touches model structure (STYLE rule 10). Base weights are never mutated
-(DESIGN decision 1): a method with a non-zero initial product B0 A0 gets a second, frozen adapter
-"offset" holding (A0, -B0), so every adapted layer computes W x + s (B A - B0 A0) x and the step-0
-output equals the base output. Export concatenates the two: A' = [A; A0], B' = [B, -B0] (rank 2r, same
-scale), an exact delta against the pristine base.
+The only module that touches model structure. Base weights are never mutated (docs/design.md decision 1).
+What happens for a method follows its row in the method table (methods.py): its layer kind (peft's LoRA
+layer here, or lora_sb's core layer), what its init reads (the weights, or the loss gradient of a gradient
+pass) and what its init produces. A method with a non-zero initial product B0 A0 (start OFFSET) gets a
+second, frozen adapter "offset" holding (A0, -B0), so every adapted layer computes W x + s (B A - B0 A0) x
+and the step-0 output equals the base output; the export concatenates the two: A' = [A; A0], B' = [B, -B0]
+(rank 2r, same scale), an exact delta against the pristine base (docs/methods.md section 0).
 """
 
 from __future__ import annotations
@@ -13,17 +15,15 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
-from fluxlora import inits, lora_sb
+from fluxlora import inits, methods
+from fluxlora.errors import AdapterError, InitError
 
 SUBJECT, OFFSET = "subject", "offset"
-
-
-class AdapterError(ValueError):
-    """A user-facing problem with the adapter settings (targets, rank, ...)."""
 
 
 @dataclass
@@ -94,89 +94,62 @@ def lora_config(rank: int, scale: float, targets: list[str], dropout: float):
                       init_lora_weights=True)
 
 
+@dataclass
+class InitInputs:
+    """What a data-driven init may read besides the weights (methods.py ``needs``): the gradient pass,
+    called on the pristine base before the adapter exists, and the first non-zero learning rate."""
+
+    gradients: Callable[[], dict[str, torch.Tensor]] | None = None
+    first_lr: float = 1.0
+
+
 def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list[str], *,
            dropout: float = 0.0, seed: int = 0, niter: int = 4, skip_init: bool = False,
-           sb_gradients=None, sb_lr: float = 1.0) -> AdapterInfo:
-    """Add the trainable "subject" adapter (and the frozen "offset" when B0 A0 != 0) and initialize it.
-
-    ``skip_init`` only builds the structure (resume loads the saved tensors right after). lora_sb
-    takes ``sb_gradients()`` (-> {target: summed dL/dW}) and the first-step LR ``sb_lr``; its scale is 1."""
-    if method == lora_sb.METHOD:
-        return _inject_sb(model, rank, targets, dropout, seed, skip_init, sb_gradients, sb_lr)
-    if method not in inits.INITS:
-        valid = sorted([*inits.INITS, lora_sb.METHOD])
-        raise AdapterError(f"unknown adapter.init {method!r}; valid: {', '.join(valid)}")
-    has_offset = method not in inits.ZERO_PRODUCT
-    model.add_adapter(lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
-    if has_offset:
-        with warnings.catch_warnings():  # a second adapter on purpose: peft warns about exactly that
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            model.add_adapter(lora_config(rank, scale, targets, 0.0), adapter_name=OFFSET)
-    model.set_adapters([SUBJECT, OFFSET] if has_offset else [SUBJECT])
-    info = AdapterInfo(method, rank, scale, targets, has_offset)
+           inputs: InitInputs | None = None) -> AdapterInfo:
+    """Add the arm's adapter layers and initialize them as the method's table row says. ``skip_init`` only
+    builds the structure (resume or adapter.init_from load the tensors right after)."""
+    m = methods.get(method)
+    kind = m.layer_kind()
+    scale = m.fixed_scale if m.fixed_scale is not None else scale
+    info = AdapterInfo(method, rank, scale, targets, has_offset=m.start == methods.OFFSET)
+    grads = None
+    if m.needs == methods.GRADIENTS and not skip_init:
+        if inputs is None or inputs.gradients is None:
+            raise AdapterError(f"{method} initializes from the training data's loss gradient, and no gradient "
+                               "pass was given -> fix: train it through the trainer (fluxlora train)")
+        t0 = time.perf_counter()
+        grads = inputs.gradients()  # on the pristine base: before any adapter layer exists
+        info.init_seconds = time.perf_counter() - t0
+    kind.attach(model, targets, rank, scale, dropout, info.has_offset)
     if not skip_init:
         t0 = time.perf_counter()
         try:
-            info.layers = _initialize(model, method, rank, scale, targets, seed, niter, has_offset)
-        except Exception:
-            model.unload_lora()  # leave the pristine base behind for the next arm
-            raise
-        info.init_seconds = time.perf_counter() - t0
-    _freeze_all_but_subject(model)
-    info.trainable_params = sum(p.numel() for p in trainable_parameters(model))
-    return info
-
-
-def _inject_sb(model, rank, targets, dropout, seed, skip_init, sb_gradients, sb_lr) -> AdapterInfo:
-    """LoRA-SB (lora_sb.py): the estimation pass on the pristine base, then the wrapped layers."""
-    if not skip_init and sb_gradients is None:
-        raise AdapterError("lora_sb initializes from the training data's first-step gradient, and no gradient "
-                           "pass was given -> fix: train it through the trainer (train.sb_gradients)")
-    info = AdapterInfo(lora_sb.METHOD, rank, lora_sb.SCALE, targets, has_offset=False)
-    t0 = time.perf_counter()
-    grads = None if skip_init else sb_gradients()
-    lora_sb.attach(model, targets, rank, dropout)
-    if grads is not None:
-        try:
-            info.layers = lora_sb.initialize(model, grads, rank, sb_lr, seed)
-        except inits.InitError as e:
-            lora_sb.detach(model, targets)
+            info.layers = (_init_from_weights(model, m, rank, scale, targets, seed, niter, info.has_offset)
+                           if grads is None else
+                           m.init_fn()(model, grads, rank, scale, (inputs or InitInputs()).first_lr, seed))
+        except (InitError, AdapterError) as e:
+            kind.detach(model, targets)  # leave the pristine base behind for the next arm
             raise AdapterError(str(e)) from e
-        info.init_seconds = time.perf_counter() - t0
-    lora_sb.set_trainable(model)
+        except Exception:
+            kind.detach(model, targets)
+            raise
+        info.init_seconds += time.perf_counter() - t0
+    kind.set_trainable(model)
     info.trainable_params = sum(p.numel() for p in trainable_parameters(model))
     return info
-
-
-def check_lora_sb(images: int, sb_batches: int, batch_size: int, init_from) -> None:
-    """LoRA-SB averages its first-step estimate over a subset of the training data, each sample once
-    (paper Eq. (7)): the first sb_batches micro-batches must hold distinct subject images (the first
-    epoch's order), else some images would weigh twice in the init direction."""
-    need = sb_batches * batch_size
-    if need > images:
-        fix = (f"set adapter.sb_batches <= {images // batch_size}" if images >= batch_size else
-               f"set train.batch_size <= {images} and adapter.sb_batches <= {images}")
-        raise AdapterError(
-            f"adapter.init lora_sb estimates its first step from adapter.sb_batches x train.batch_size = "
-            f"{sb_batches} x {batch_size} = {need} distinct subject images, but data.instance_dir has {images} "
-            f"-> fix: {fix}, or add images")
-    if init_from is not None:
-        raise AdapterError("adapter.init_from cannot start a lora_sb arm: LoRA-SB builds its frozen "
-                                    "bases from the data's first-step gradient -> fix: drop adapter.init_from "
-                                    "or train that file with another init")
 
 
 @torch.no_grad()
-def _initialize(model, method, rank, scale, targets, seed, niter, has_offset) -> dict[str, dict]:
+def _init_from_weights(model, m: methods.Method, rank, scale, targets, seed, niter, has_offset) -> dict:
     """One layer at a time, in fp32 on the layer's device: no second copy of the model."""
     gen = torch.Generator("cpu").manual_seed(seed)
-    stats = {}
+    fn, stats = m.init_fn(), {}
     for name in targets:
         layer = model.get_submodule(name)
         W = float_weight(layer.get_base_layer())
         try:
-            res = inits.init_factors(method, W, rank, scale, generator=gen, niter=niter)
-        except inits.InitError as e:
+            res = fn(W, rank, scale, generator=gen, niter=niter)
+        except InitError as e:
             raise AdapterError(f"{name} ({W.shape[0]}x{W.shape[1]}): {e}") from e
         a, b = layer.lora_A[SUBJECT].weight, layer.lora_B[SUBJECT].weight
         a.copy_(res.A0.to(a)), b.copy_(res.B0.to(b))
@@ -187,10 +160,36 @@ def _initialize(model, method, rank, scale, targets, seed, niter, has_offset) ->
     return stats
 
 
-def _freeze_all_but_subject(model: nn.Module) -> None:
-    # Activating adapters turns requires_grad on for all of them: only "subject" A/B may train.
-    for n, p in model.named_parameters():
-        p.requires_grad_(f".{SUBJECT}." in n and ("lora_A" in n or "lora_B" in n))
+class PeftLayers:
+    """Layer kind LORA (methods.py): peft's LoRA layers, the "subject" adapter trainable and, for an
+    OFFSET method, a frozen "offset" adapter of the same rank and scale."""
+
+    @staticmethod
+    def attach(model, targets, rank, scale, dropout, offset: bool) -> None:
+        model.add_adapter(lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
+        if offset:
+            with warnings.catch_warnings():  # a second adapter on purpose: peft warns about exactly that
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                model.add_adapter(lora_config(rank, scale, targets, 0.0), adapter_name=OFFSET)
+        model.set_adapters([SUBJECT, OFFSET] if offset else [SUBJECT])
+
+    @staticmethod
+    def detach(model, targets) -> None:
+        model.unload_lora()
+
+    @staticmethod
+    def set_trainable(model) -> None:
+        # Activating adapters turns requires_grad on for all of them: only "subject" A/B may train.
+        for n, p in model.named_parameters():
+            p.requires_grad_(f".{SUBJECT}." in n and ("lora_A" in n or "lora_B" in n))
+
+    @staticmethod
+    def export(layer, has_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = layer.lora_A[SUBJECT].weight.float(), layer.lora_B[SUBJECT].weight.float()
+        if has_offset:
+            a = torch.cat([a, layer.lora_A[OFFSET].weight.float()], dim=0)
+            b = torch.cat([b, layer.lora_B[OFFSET].weight.float()], dim=1)
+        return a, b
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -221,27 +220,17 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 def remove(model: nn.Module, info: AdapterInfo) -> None:
     """Take the arm's adapters out, restoring the original modules: the pristine base for the next arm."""
-    if info.method == lora_sb.METHOD:
-        lora_sb.detach(model, info.targets)
-    else:
-        model.unload_lora()
+    methods.get(info.method).layer_kind().detach(model, info.targets)
 
 
 @torch.no_grad()
 def export_factors(model: nn.Module, info: AdapterInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (A', B')} in fp32 on the CPU with the exact delta s B' A' = s (B A - B0 A0) against the
-    pristine base: A' = [A; A0], B' = [B, -B0] (rank 2r) when there is an offset; (A, B R) for lora_sb."""
+    """{module: (A', B')} in fp32 on the CPU whose product s B' A' is the arm's exact delta against the
+    pristine base (rank 2r with an offset adapter: [A; A0], [B, -B0])."""
+    kind = methods.get(info.method).layer_kind()
     out = {}
     for name in info.targets:
-        layer = model.get_submodule(name)
-        if info.method == lora_sb.METHOD:  # the whole delta B R A as (A, B R), rank r
-            a, b = lora_sb.export_factors(layer)
-            out[name] = (a.cpu().contiguous(), b.cpu().contiguous())
-            continue
-        a, b = layer.lora_A[SUBJECT].weight.float(), layer.lora_B[SUBJECT].weight.float()
-        if info.has_offset:
-            a = torch.cat([a, layer.lora_A[OFFSET].weight.float()], dim=0)
-            b = torch.cat([b, layer.lora_B[OFFSET].weight.float()], dim=1)
+        a, b = kind.export(model.get_submodule(name), info.has_offset)
         out[name] = (a.cpu().contiguous(), b.cpu().contiguous())
     return out
 

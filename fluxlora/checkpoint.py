@@ -14,11 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fluxlora import adapters
+from fluxlora.errors import CheckpointError
 from fluxlora.rundir import ArmDir, step_name, write_json
 
 
-class CheckpointError(Exception):
-    """A checkpoint could not be written or read (the previous one is kept)."""
 
 
 def save(arm: ArmDir, step: int, model, optimizer, lr_scheduler, generator: torch.Generator,

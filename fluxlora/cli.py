@@ -8,6 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from fluxlora.errors import USER_ERRORS
+from fluxlora.formats import FORMATS
+
 EPILOG = """examples:
   fluxlora train train_configs/toy_subject.yaml
   fluxlora train my_subject.yaml train.steps=500 adapter.init=[lora,pissa,loram]
@@ -37,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="re-export the adapters of a run from its latest checkpoints")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--arm", action="append", help="only this arm (repeatable; default all)")
-    e.add_argument("--format", action="append", metavar="diffusers|comfyui",
+    e.add_argument("--format", action="append", metavar="|".join(FORMATS),
                    help="file format (repeatable or comma list; default: the config's export.formats)")
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="tensor dtype of the files (default: the config's export.dtype)")
-    e.add_argument("--rank", type=int, default=None, metavar="R", help="re-factorize every layer's delta to "
+    e.add_argument("--rank", type=int, default=None, metavar="R", help="truncate every layer's delta to "
                    "rank R (truncated SVD) for a smaller file *-rR.safetensors; prints the error it introduces")
     s = sub.add_parser("sample", help="generate images with a trained adapter through diffusers")
     s.add_argument("run_dir", help="runs/<name>")
@@ -85,23 +88,12 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    from fluxlora.adapters import AdapterError
-    from fluxlora.checkpoint import CheckpointError
-    from fluxlora.config import ConfigError
-    from fluxlora.data import DataError
-    from fluxlora.families.flux import ModelLoadError
-    from fluxlora.runner import RunError
-
-    return ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError, RunError
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
         return dispatch(args)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -32,8 +32,8 @@ def train(config: str, overrides: list[str], resume: bool, arms_parallel: int | 
 
 def parse_formats(values: list[str] | None) -> list[str] | None:
     """--format diffusers --format comfyui, or --format diffusers,comfyui; None: the config's."""
-    from fluxlora.export import FORMATS
-    from fluxlora.runner import RunError
+    from fluxlora.errors import RunError
+    from fluxlora.formats import FORMATS
 
     if not values:
         return None
@@ -47,61 +47,68 @@ def parse_formats(values: list[str] | None) -> list[str] | None:
 def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = None, dtype: str | None = None,
            rank: int | None = None) -> int:
     """Rebuild each arm from its latest checkpoint on the pristine base and write its adapter files
-    (the config's export.formats / export.dtype unless given; ``rank``: a smaller SVD re-factorization)."""
-    from safetensors.torch import load_file
-
-    from fluxlora import adapters, checkpoint
-    from fluxlora import export as exporter
-    from fluxlora.config import arm_config
-    from fluxlora.families import FAMILIES
-    from fluxlora.runner import RunError
-
-    from fluxlora.compare import open_run
+    (the config's export.formats / export.dtype unless given; ``rank``: a smaller SVD truncation)."""
+    from fluxlora import families, modelpath
+    from fluxlora.bench import open_run
+    from fluxlora.errors import RunError
 
     group, cfg = open_run(run_dir)
     unknown = [a for a in arms or [] if a not in cfg.adapter.arms]
     if unknown:
         raise RunError(f"{run_dir} has no arm {unknown[0]!r} -> fix: choose from {', '.join(cfg.adapter.arms)}")
-    family = FAMILIES[cfg.model.family]
-    pipe = family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision, cfg.model.quantize)
-    model = pipe.transformer
+    family = families.get(cfg.model.family)
+    m = cfg.model
+    model = family.denoiser(modelpath.load_base(family, m.path, m.dtype, m.revision, m.quantize))
     for name in arms or cfg.adapter.arms:
-        arm, a = group.arm(name), arm_config(cfg, name).adapter
-        ckpt = checkpoint.find(arm, "latest")
-        if ckpt is None:
-            raise RunError(f"arm {name} of {run_dir} has no complete checkpoint to export from")
-        scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
-        targets = adapters.find_targets(model, a.target_modules or family.TARGET_PRESETS[a.targets],
-                                        blocks_only=not a.target_modules)
-        info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True)
-        exact_rank = a.rank * (2 if info.has_offset else 1)
-        if rank is not None and exact_rank <= rank:
-            adapters.remove(model, info)
-            print(f"{name}: its exact export is already rank {exact_rank} <= {rank}; nothing to re-factorize")
-            continue
-        try:
-            adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
-            step = int(ckpt.name.split("-")[1])
-            paths, refactored = exporter.export_arm(model, info, arm, arm_config(cfg, name), name, step,
-                                                    formats=formats, dtype=dtype, rank=rank)
-        except OSError as e:  # disk full, permissions: the previous files are left as they were
-            raise RunError(f"could not write the export of arm {name}: {e} -> the previous files and the "
-                           "checkpoints are kept; free disk space and run fluxlora export again") from e
-        finally:
-            adapters.remove(model, info)
-        for path in paths:
-            print(f"{name}: {path} (from {ckpt.name})")
-        if refactored is not None:
-            layer, worst = refactored.worst
-            print(f"{name}: rank {refactored.rank} relative error ||dW - dW_R||_F / ||dW||_F: overall "
-                  f"{refactored.overall:.3e}, max over layers {worst:.3e} ({layer})")
+        _export_arm(run_dir, group, cfg, family, model, name, formats, dtype, rank)
     return 0
+
+
+def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, rank) -> None:
+    from safetensors.torch import load_file
+
+    from fluxlora import adapters, checkpoint
+    from fluxlora import export as exporter
+    from fluxlora.arms import export_metadata
+    from fluxlora.config import arm_config
+    from fluxlora.errors import RunError
+
+    arm, acfg = group.arm(name), arm_config(cfg, name)
+    a = acfg.adapter
+    ckpt = checkpoint.find(arm, "latest")
+    if ckpt is None:
+        raise RunError(f"arm {name} of {run_dir} has no complete checkpoint to export from")
+    scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
+    targets = adapters.find_targets(model, a.target_modules or family.target_presets[a.targets],
+                                    blocks_only=not a.target_modules)
+    info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True)
+    exact_rank = a.rank * (2 if info.has_offset else 1)
+    if rank is not None and exact_rank <= rank:
+        adapters.remove(model, info)
+        print(f"{name}: its exact export is already rank {exact_rank} <= {rank}; nothing to truncate")
+        return
+    try:
+        adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
+        step = int(ckpt.name.split("-")[1])
+        paths, truncation = exporter.export_arm(model, info, arm, export_metadata(acfg, info, step), family,
+                                                formats or acfg.export.formats, dtype or acfg.export.dtype, rank)
+    except OSError as e:  # disk full, permissions: the previous files are left as they were
+        raise RunError(f"could not write the export of arm {name}: {e} -> the previous files and the "
+                       "checkpoints are kept; free disk space and run fluxlora export again") from e
+    finally:
+        adapters.remove(model, info)
+    for path in paths:
+        print(f"{name}: {path} (from {ckpt.name})")
+    if truncation is not None:
+        layer, worst = truncation.worst
+        print(f"{name}: rank {truncation.rank} relative error ||dW - dW_R||_F / ||dW||_F: overall "
+              f"{truncation.overall:.3e}, max over layers {worst:.3e} ({layer})")
 
 
 def sample(run_dir: Path, prompt: str, seed: int, steps: int | None, arm_name: str | None,
            out: str | None) -> int:
-    """Generate through diffusers' own loader: FluxPipeline + load_lora_weights(adapter.safetensors)."""
-    from fluxlora.compare import AdapterBench
+    """Generate through diffusers' own loader: the family pipeline + load_lora_weights(adapter.safetensors)."""
+    from fluxlora.bench import AdapterBench
 
     bench = AdapterBench(run_dir)
     arm = arm_name or bench.cfg.adapter.arms[0]
@@ -116,8 +123,8 @@ def info(path: Path) -> int:
     """Print what an exported adapter file says about itself (fluxlora record + LoRA config)."""
     import json
 
+    from fluxlora.errors import RunError
     from fluxlora.export import read_metadata
-    from fluxlora.runner import RunError
 
     if not path.is_file():
         raise RunError(f"{path} is not a file -> fix: pass an exported adapter.safetensors")

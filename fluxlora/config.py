@@ -12,13 +12,14 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
+from fluxlora import formats, methods
 from fluxlora.config_errors import ConfigError, Problem, did_you_mean, problems_from, section_fields
+from fluxlora.families import LOSS_WEIGHTINGS, SPECS
 from fluxlora.yamlsafe import YamlProblem, load_yaml
 
-KNOWN_FAMILIES = ("flux", "sd3", "sdxl", "sd15")
-EXPORT_FORMATS = {"flux": ["diffusers", "comfyui"]}  # kohya keys exist for FLUX only; others: diffusers
-FLOW_FAMILIES = ("flux", "sd3")  # flow matching; sdxl / sd15 train the DDPM objective
-KNOWN_INITS = ("lora", "lora_gaussian", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb")
+# Names come from the registries (torch-free tables): families, init methods, export formats.
+KNOWN_FAMILIES = tuple(SPECS)
+KNOWN_INITS = tuple(methods.METHODS)
 
 
 def _number(v: Any) -> Any:
@@ -122,11 +123,12 @@ class AdapterConfig(Section):
         stray = [k for k in self.overrides if k not in self.arms]
         if stray:
             raise ValueError(f"adapter.overrides names arms that are not in adapter.init: {stray}")
-        sb = self.overrides.get("lora_sb")
-        if sb is not None and (moot := [k for k in ("alpha", "scaling", "alpha_coefficient")
-                                        if getattr(sb, k) is not None]):
-            raise ValueError(f"adapter.overrides.lora_sb sets {moot}, which lora_sb does not use (it trains "
-                             f"with scale 1: its size comes from the first-step estimate) -> remove {moot}")
+        for name, o in self.overrides.items():
+            fixed = methods.METHODS[name].fixed_scale
+            moot = [k for k in ("alpha", "scaling", "alpha_coefficient") if getattr(o, k) is not None]
+            if fixed is not None and moot:
+                raise ValueError(f"adapter.overrides.{name} sets {moot}, which {name} does not use (it trains "
+                                 f"with scale {fixed:g}: its size comes from its init) -> remove {moot}")
         return self
 
     @property
@@ -191,10 +193,19 @@ class SampleConfig(Section):
 
 class ExportConfig(Section):
     # The web UI and `fluxlora sample` read the diffusers file (adapter.safetensors).
-    formats: list[Literal["diffusers", "comfyui"]] | None = Field(
+    formats: list[str] | None = Field(
         None, min_length=1,
-        description="files written after training: diffusers (adapter.safetensors), comfyui "
-                    "(adapter_comfyui.safetensors, kohya keys; FLUX only). Default: every format of the family")
+        description="files written after training: " + "; ".join(
+            f"{f.name} ({f.file_name}, {f.description})" for f in formats.FORMATS.values())
+        + ". Default: every format of the family")
+
+    @field_validator("formats")
+    @classmethod
+    def _known(cls, v):
+        bad = [f for f in v or [] if f not in formats.FORMATS]
+        if bad:
+            raise ValueError(f"unknown export format(s) {bad}; valid: {', '.join(formats.FORMATS)}")
+        return v
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
@@ -231,15 +242,16 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _family_options(self):
-        flow = self.model.family in FLOW_FAMILIES
-        if flow and self.train.loss_weighting == "min_snr":
-            raise ValueError(f"train.loss_weighting min_snr is for the DDPM families (sdxl, sd15), not "
-                             f"{self.model.family} -> use none, sigma_sqrt or cosmap")
-        if not flow and self.train.loss_weighting in ("sigma_sqrt", "cosmap"):
-            raise ValueError(f"train.loss_weighting {self.train.loss_weighting} is for flow matching (flux, sd3) "
-                             f"-> use none or min_snr for {self.model.family}")
-        if not flow and self.model.quantize != "none":
-            raise ValueError(f"model.quantize {self.model.quantize} is for the transformer families (flux, sd3) "
+        spec = SPECS[self.model.family]
+        allowed = LOSS_WEIGHTINGS[spec.objective]
+        if self.train.loss_weighting not in allowed:
+            users = ", ".join(n for n, s in SPECS.items() if s.objective != spec.objective)
+            kind = "flow matching" if spec.objective == "ddpm" else "the DDPM families"
+            raise ValueError(f"train.loss_weighting {self.train.loss_weighting} is for {kind} ({users}), not "
+                             f"{self.model.family} -> use {' or '.join(allowed)}")
+        if not spec.quantizable and self.model.quantize != "none":
+            quantizable = ", ".join(n for n, s in SPECS.items() if s.quantizable)
+            raise ValueError(f"model.quantize {self.model.quantize} is for the transformer families ({quantizable}) "
                              f"-> set model.quantize=none for {self.model.family}")
         if self.sample.offload_base and self.model.quantize != "none":
             # bitsandbytes keeps a used layer's int8 state outside its parameters, where a model-wide .to()
@@ -250,7 +262,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _export_formats(self):
-        allowed = EXPORT_FORMATS.get(self.model.family, ["diffusers"])
+        allowed = formats.for_family(self.model.family)
         if self.export.formats is None:
             self.export.formats = list(allowed)
         elif bad := [f for f in self.export.formats if f not in allowed]:

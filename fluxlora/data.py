@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from fluxlora.errors import DataError
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_EXT = ".txt"
 # Refuse images above this many pixels before decoding them (64 MPix of RGB is ~200 MB decoded). Lower
@@ -45,8 +46,6 @@ class Sample:
     caption: str
 
 
-class DataError(Exception):
-    """User-facing data problem; the message names the folder or file and the fix."""
 
 
 class _Skip(Exception):

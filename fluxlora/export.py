@@ -1,7 +1,8 @@
-"""Portable adapter files, written atomically, each with fluxlora's metadata record:
+"""Portable adapter files, written atomically, each with fluxlora's metadata record, in the formats of the
+format table (formats.py):
 
-- ``diffusers`` (adapter.safetensors): diffusers/peft keys written by diffusers' own writer, LoRA config
-  in the metadata (so ``load_lora_weights`` restores alpha);
+- ``diffusers`` (adapter.safetensors): diffusers/peft keys written by the family pipeline's own
+  save_lora_weights, LoRA config in the metadata (so ``load_lora_weights`` restores alpha);
 - ``comfyui`` (adapter_comfyui.safetensors): kohya keys on the BFL modules, fused layers built exactly,
   an ``.alpha`` tensor beside every adapter (kohya.py).
 
@@ -22,18 +23,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fluxlora import adapters, kohya
-from fluxlora.config import config_hash
+from fluxlora.errors import AdapterError, ModelLoadError
+from fluxlora.formats import FORMATS
 from fluxlora.rundir import ArmDir
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FORMATS = ("diffusers", "comfyui")
-FILE_NAMES = {"diffusers": "adapter.safetensors", "comfyui": "adapter_comfyui.safetensors"}
 META_KEY = "fluxlora"
 HASHED = "transformer/*.safetensors"  # what base_model_hash covers (the module the LoRA applies to)
 
 
 @dataclass
-class Refactored:
+class RankTruncation:
     """Factors re-cut to a lower rank and the relative Frobenius error ||dW - dW_R|| / ||dW||."""
 
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -46,13 +46,8 @@ class Refactored:
         return max(self.errors.items(), key=lambda kv: kv[1])
 
 
-def export_path(arm: ArmDir, fmt: str, rank: int | None = None) -> Path:
-    name = FILE_NAMES[fmt]
-    return arm.root / (name.replace(".safetensors", f"-r{rank}.safetensors") if rank else name)
-
-
 @torch.no_grad()
-def refactor(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> Refactored:
+def truncate_rank(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> RankTruncation:
     """Best rank-``rank`` factors of each delta B A (Eckart-Young), in fp32. The SVD runs on the small
     k x k core: B = Qb Rb, A^T = Qa Ra, so B A = Qb (Rb Ra^T) Qa^T and the core's singular values are
     those of B A; a 3072 x 12288 layer costs no large SVD."""
@@ -67,7 +62,7 @@ def refactor(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) ->
         tail, total = float(s[k:].pow(2).sum()), float(s.pow(2).sum())
         errors[name] = math.sqrt(tail / total) if total > 0 else 0.0
         tail_sum, total_sum = tail_sum + tail, total_sum + total
-    return Refactored(out, rank, errors, math.sqrt(tail_sum / total_sum) if total_sum > 0 else 0.0)
+    return RankTruncation(out, rank, errors, math.sqrt(tail_sum / total_sum) if total_sum > 0 else 0.0)
 
 
 # ----- base model identity ----------------------------------------------------------------------------
@@ -88,10 +83,10 @@ def base_model_hash(path: str) -> str | None:
     """sha256 over the lines '<file name> <sha256>' of the local pipeline's transformer/*.safetensors
     (sorted); None for a hub id. File hashes are cached by (path, size, mtime) in
     $XDG_CACHE_HOME/fluxlora/model_hashes.json: a 24 GB FLUX transformer is read once, not per export."""
-    from fluxlora.families.flux import ModelLoadError, resolve_path
+    from fluxlora.modelpath import resolve
 
     try:
-        local = Path(resolve_path(path))
+        local = Path(resolve(path))
     except ModelLoadError:
         return None
     files = sorted((local / "transformer").glob("*.safetensors")) if local.is_dir() else []
@@ -132,21 +127,26 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def write_diffusers(path: Path, state: dict, lora_config, meta: dict) -> None:
-    """Write through the family pipeline's save_lora_weights (FluxPipeline, StableDiffusion3Pipeline) into a
-    temp dir, add our metadata, rename in place."""
-    from fluxlora.families import FAMILIES
+def _cast(layers, dtype: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    to = EXPORT_DTYPES[dtype]
+    return {name: (a.to(to), b.to(to)) for name, (a, b) in layers.items()}
 
-    pipeline = FAMILIES[meta.get("family", "flux")].pipeline_class()
 
+def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict,
+                    lora_component: str, pipeline_cls) -> None:
+    """Write through the family pipeline's save_lora_weights into a temp dir, add our metadata, rename in
+    place. The LoRA config in the metadata carries the scale (alpha = rank * scale)."""
+    rank = next(iter(layers.values()))[0].shape[0]
+    state = {}
+    for name, (a, b) in _cast(layers, dtype).items():
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+    config = adapters.lora_config(rank, scale, list(layers), 0.0).to_dict()
+    config["init_lora_weights"] = True  # loaders must never re-run an init (docs/design.md, environment)
     path = Path(path)
-    config = lora_config.to_dict()
-    config["init_lora_weights"] = True  # loaders must never re-run an init (ENV_NOTES)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        family = FAMILIES[meta.get("family", "flux")]
-        component = family.LORA_COMPONENT  # transformer (flux, sd3) or unet (sdxl, sd15)
-        pipeline.save_lora_weights(tmp, weight_name="a.safetensors", **{f"{component}_lora_layers": state,
-                                                                        f"{component}_lora_adapter_metadata": config})
+        pipeline_cls.save_lora_weights(tmp, weight_name="a.safetensors",
+                                       **{f"{lora_component}_lora_layers": state,
+                                          f"{lora_component}_lora_adapter_metadata": config})
         with safe_open(os.path.join(tmp, "a.safetensors"), "pt") as f:
             metadata = dict(f.metadata() or {})
         metadata[META_KEY] = json.dumps(meta, sort_keys=True)
@@ -155,72 +155,76 @@ def write_diffusers(path: Path, state: dict, lora_config, meta: dict) -> None:
         os.replace(final_tmp, path)
 
 
-def write_comfyui(path: Path, state: dict, meta: dict) -> None:
+def write_comfyui(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict,
+                  lora_component: str, pipeline_cls) -> None:
+    """kohya keys (fused layers built exactly, alpha in fp32 beside each adapter)."""
+    to = EXPORT_DTYPES[dtype]
+    state = kohya.to_kohya(layers, scale, out_features)
+    save_kohya_file(path, {k: v if k.endswith(".alpha") else v.to(to) for k, v in state.items()}, meta)
+
+
+def save_kohya_file(path: Path, state: dict, meta: dict) -> None:
     """kohya keys only, no diffusers LoRA config: diffusers' kohya reader must take alpha from the
     tensors (a LoRA config in the metadata would scale the already-scaled weights again)."""
     metadata = {META_KEY: json.dumps(meta, sort_keys=True), "format": "pt"}
     _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
-def write(path: Path, fmt: str, layers, scale: float, dtype: str, meta: dict, out_features: dict) -> None:
+def write(path: Path, fmt: str, layers, scale: float, dtype: str, meta: dict, out_features: dict,
+          family) -> None:
     """One file of ``layers`` (fp32 factors, cast to ``dtype`` only after fusing / folding the scale)."""
     rank = next(iter(layers.values()))[0].shape[0]
     meta = {**meta, "format": fmt, "dtype": dtype, "export_rank": rank, "alpha": rank * scale}
-    to = EXPORT_DTYPES[dtype]
-    if fmt == "diffusers":
-        state = {}
-        for name, (a, b) in layers.items():
-            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a.to(to), b.to(to)
-        write_diffusers(path, state, adapters.lora_config(rank, scale, list(layers), 0.0), meta)
-    else:
-        state = kohya.to_kohya(layers, scale, out_features)
-        write_comfyui(path, {k: v if k.endswith(".alpha") else v.to(to) for k, v in state.items()}, meta)
+    FORMATS[fmt].fn("write")(path, layers, scale, dtype, meta, out_features, family.lora_component,
+                             family.pipeline_class())
 
 
-def metadata(cfg, info: adapters.AdapterInfo, method: str, steps: int) -> dict:
+def metadata(*, base_model: str, revision: str | None, family: str, method: str, info: adapters.AdapterInfo,
+             trigger: str | None, steps: int, config_hash: str) -> dict:
     """What an exported file says about itself (`fluxlora info FILE` prints it)."""
     return {
-        "base_model": cfg.model.path, "base_model_revision": cfg.model.revision,
-        "base_model_hash": base_model_hash(cfg.model.path), "base_model_hash_of": HASHED,
-        "family": cfg.model.family, "method": method, "rank": info.rank, "scale": info.scale,
-        "offset": info.has_offset, "trigger": cfg.data.trigger or cfg.data.instance_prompt, "steps": steps,
-        "config_hash": config_hash(cfg), "targets": info.targets,
+        "base_model": base_model, "base_model_revision": revision,
+        "base_model_hash": base_model_hash(base_model), "base_model_hash_of": HASHED,
+        "family": family, "method": method, "rank": info.rank, "scale": info.scale,
+        "offset": info.has_offset, "trigger": trigger, "steps": steps,
+        "config_hash": config_hash, "targets": info.targets,
     }
 
 
 def check_formats(formats: list[str], targets: list[str]) -> None:
-    """Refuse before training what the comfyui format cannot hold."""
-    bad = kohya.unmappable(targets) if "comfyui" in formats else []
-    if bad:
-        raise adapters.AdapterError(f"adapter targets {bad[:4]} have no kohya/BFL counterpart, so the comfyui "
-                                    "export cannot hold them -> fix: remove them from adapter.target_modules "
-                                    "or set export.formats=[diffusers]")
+    """Refuse before training what a chosen format cannot hold."""
+    for fmt in formats:
+        f = FORMATS[fmt]
+        bad = f.fn("unmappable")(targets) if f.unmappable else []
+        if bad:
+            others = [n for n in formats if n != fmt] or ["diffusers"]
+            raise AdapterError(f"adapter targets {bad[:4]} have no counterpart in the {fmt} format's keys, so the "
+                               f"{fmt} export cannot hold them -> fix: remove them from adapter.target_modules "
+                               f"or set export.formats=[{','.join(others)}]")
 
 
-def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, cfg, method: str, steps: int, *,
-               formats: list[str] | None = None, dtype: str | None = None,
-               rank: int | None = None) -> tuple[list[Path], Refactored | None]:
+def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, meta: dict, family, formats: list[str],
+               dtype: str, rank: int | None = None) -> tuple[list[Path], RankTruncation | None]:
     """The arm's files of the exact delta against the pristine base (rank 2r with an offset), or its
     best rank-``rank`` approximation (files named ...-r<rank>.safetensors)."""
-    formats, dtype = formats or cfg.export.formats, dtype or cfg.export.dtype
     check_formats(formats, info.targets)
-    layers, meta, refactored = adapters.export_factors(model, info), metadata(cfg, info, method, steps), None
+    layers, meta, truncation = adapters.export_factors(model, info), dict(meta), None
     if rank is not None:
         current = next(iter(layers.values()))[0].shape[0]
         if not 1 <= rank < current:
-            raise adapters.AdapterError(f"--rank {rank} is not between 1 and the exported rank {current} of arm "
-                                        f"{method}: nothing to shrink -> fix: choose a rank from 1 to {current - 1}")
-        refactored = refactor(layers, rank)
-        layers = refactored.layers
-        meta.update(offset=False, refactored_from=current, refactor_error=refactored.overall,
-                    refactor_error_max=refactored.worst[1])
+            raise AdapterError(f"--rank {rank} is not between 1 and the exported rank {current} of arm "
+                               f"{info.method}: nothing to shrink -> fix: choose a rank from 1 to {current - 1}")
+        truncation = truncate_rank(layers, rank)
+        layers = truncation.layers
+        meta.update(offset=False, refactored_from=current, refactor_error=truncation.overall,
+                    refactor_error_max=truncation.worst[1])
     out_features = adapters.linear_out_features(model)
     paths = []
     for fmt in formats:
-        path = export_path(arm, fmt, rank)
-        write(path, fmt, layers, info.scale, dtype, meta, out_features)
+        path = arm.export_file(fmt, rank)
+        write(path, fmt, layers, info.scale, dtype, meta, out_features, family)
         paths.append(path)
-    return paths, refactored
+    return paths, truncation
 
 
 def read_metadata(path: Path) -> dict:

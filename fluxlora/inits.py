@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fluxlora.errors import InitError  # noqa: F401  (raised here, part of this module's API)
 # Randomized-SVD oversampling for pissa_fast: q = max(rank + 8, 16), capped at min(n, m).
 # p = 8 extra columns is inside Halko et al. 2011's recommended p = 5..10 (section 4.2). The floor
 # of 16 is a CPU speed rule, measured on this machine (torch 2.13, MKL, 1 thread, niter=4):
@@ -40,8 +41,6 @@ class InitResult:
     stats: dict[str, float]  # per-method diagnostics (energy_share, init_ratio, Q, beta, ...)
 
 
-class InitError(ValueError):
-    """A user-facing problem with an init request (bad rank, scale, method name or weight)."""
 
 
 # ---------------------------------------------------------------- shared checks and helpers
@@ -293,10 +292,6 @@ INITS = {
     "olora": olora,
     "milora": milora,
 }
-
-# B0 A0 = 0 at init: nothing to subtract, so these export as a plain rank-r LoRA.
-ZERO_PRODUCT = {"lora", "lora_gaussian"}
-
 
 def init_factors(method: str, W: Tensor, rank: int, scale: float, **kw) -> InitResult:
     """Dispatch to INITS[method]; kw are generator= and niter=."""

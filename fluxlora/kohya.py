@@ -165,3 +165,8 @@ def from_kohya(state: dict[str, torch.Tensor], out_features: dict[str, int],
         split = _split(down, up, parts, [out_features[p] for p in parts], hint)
         out.update({p: (a, b, scale) for p, (a, b) in split.items()})
     return out
+
+
+def read(state, metadata, out_features, hint=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The comfyui format's reader (formats.py): from_kohya with our files' list of adapted modules."""
+    return from_kohya(state, out_features, hint)

@@ -19,7 +19,6 @@ adapted layer, and `detach` puts the original module back.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fluxlora import inits
+from fluxlora.errors import AdapterError
 
 METHOD = "lora_sb"
 NAME = "subject"  # the adapter key, the same as adapters.SUBJECT
@@ -94,50 +94,41 @@ def set_trainable(model: nn.Module) -> None:
         p.requires_grad_(f".lora_R.{NAME}." in n)
 
 
-# ---------------------------------------------------------------- the estimation pass
+class CoreLayers:
+    """Layer kind CORE of the method table (methods.py): SBLinear layers, exported as (A, B R)."""
+
+    @staticmethod
+    def attach(model: nn.Module, targets: list[str], rank: int, scale: float, dropout: float, offset: bool) -> None:
+        attach(model, targets, rank, dropout)  # s = SCALE always; a core layer has no offset
+
+    detach = staticmethod(detach)
+    set_trainable = staticmethod(set_trainable)
+
+    @staticmethod
+    def export(layer: "SBLinear", has_offset: bool) -> tuple[Tensor, Tensor]:
+        return export_factors(layer)
 
 
-def _capture(acc: Tensor):
-    """Forward hook adding this call's dL/dW = grad_out^T x (rows = every token of the batch) to ``acc``
-    once backward reaches the layer's output. The output is made a graph leaf when nothing before it
-    needs a gradient (the base is frozen), so every target gets its gradient without any weight having
-    requires_grad: int8 / nf4 weights cannot, and no other parameter's gradient is ever formed."""
-    def hook(module, args, out):
-        if not torch.is_grad_enabled():
-            return None
-        x = args[0].detach()
-        if not out.requires_grad:
-            out = out.detach().requires_grad_()
-
-        def add(grad_out: Tensor) -> None:
-            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-            acc.addmm_(g2.T.to(acc.dtype), x2.to(acc.dtype))
-
-        out.register_hook(add)
-        return out
-    return hook
-
-
-@contextlib.contextmanager
-def weight_gradients(model: nn.Module, targets: list[str]):
-    """Inside the block, each backward adds dL/dW of every target layer into the yielded dict
-    {name: fp32 (n, m) tensor on the layer's device}: one accumulator per target weight is the only
-    memory it adds (the gradients of the target weights, nothing else). All parameters are frozen inside."""
-    grads, handles = {}, []
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    try:
-        for name in targets:
-            layer = model.get_submodule(name)
-            acc = torch.zeros(layer.out_features, layer.in_features, device=layer.weight.device)
-            grads[name] = acc
-            handles.append(layer.register_forward_hook(_capture(acc)))
-        yield grads
-    finally:
-        for h in handles:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, False))
+def check_data(images: int, batches: int, batch_size: int, init_from, repeats: int = 1) -> None:
+    """LoRA-SB averages its first-step estimate over a subset of the training data, each sample once
+    (paper Eq. (7)): the first ``batches`` micro-batches must hold distinct subject images (the first
+    epoch's order), else some images would weigh twice in the init direction."""
+    need = batches * batch_size
+    if need > images:
+        fix = (f"set adapter.sb_batches <= {images // batch_size}" if images >= batch_size else
+               f"set train.batch_size <= {images} and adapter.sb_batches <= {images}")
+        raise AdapterError(
+            f"adapter.init lora_sb estimates its first step from adapter.sb_batches x train.batch_size = "
+            f"{batches} x {batch_size} = {need} distinct subject images, but data.instance_dir has {images} "
+            f"-> fix: {fix}, or add images")
+    if repeats > 1:
+        raise AdapterError(f"adapter.init lora_sb estimates its first step from distinct subject images, but "
+                           f"data.repeats {repeats} repeats each image inside an epoch -> fix: set "
+                           "data.repeats=1 for a run with a lora_sb arm")
+    if init_from is not None:
+        raise AdapterError("adapter.init_from cannot start a lora_sb arm: LoRA-SB builds its frozen "
+                           "bases from the data's first-step gradient -> fix: drop adapter.init_from "
+                           "or train that file with another init")
 
 
 @torch.no_grad()
@@ -171,9 +162,11 @@ def factors(G: Tensor, rank: int, lr1: float, generator: torch.Generator | None 
 
 
 @torch.no_grad()
-def initialize(model: nn.Module, grads: dict[str, Tensor], rank: int, lr1: float, seed: int) -> dict[str, dict]:
-    """Fill the attached SBLinear layers from the accumulated gradients, one layer at a time; each
-    accumulator is freed as soon as its layer is done."""
+def initialize(model: nn.Module, grads: dict[str, Tensor], rank: int, scale: float, lr1: float,
+               seed: int) -> dict[str, dict]:
+    """The method's init (methods.py, needs GRADIENTS): fill the attached SBLinear layers from the
+    accumulated gradients, one layer at a time, each accumulator freed as soon as its layer is done.
+    ``scale`` is SCALE (the table's fixed_scale); lr1 is the first non-zero learning rate."""
     gen = torch.Generator("cpu").manual_seed(seed)
     stats = {}
     for name in list(grads):

@@ -2,7 +2,8 @@
 diffusers/peft keys or kohya/ComfyUI keys; and the check that it fits the arm it should start.
 
 Every layer comes back as (A, B, s) with delta = s * B A on the diffusers module it adapts; fused BFL
-layers (qkv, linear1) are split exactly (kohya.from_kohya)."""
+layers (qkv, linear1) are split exactly (kohya.from_kohya). The format is recognised through the format
+table (formats.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fluxlora import kohya
-from fluxlora.adapters import AdapterError
+from fluxlora.errors import AdapterError
+from fluxlora.formats import FORMATS, Format
 
 OURS = "fluxlora"  # our metadata record (export.META_KEY)
 PEFT_META = "lora_adapter_metadata"  # diffusers' LoRA config record
@@ -50,18 +51,22 @@ def read(path: str | Path, out_features: dict[str, int]) -> LoraFile:
     except Exception as e:  # safetensors raises its own error types for missing / non-safetensors files
         raise AdapterError(f"adapter.init_from {path}: not a readable safetensors file ({e})") from e
     ours = json.loads(metadata.get(OURS, "{}") or "{}")
+    fmt = file_format(state)
+    hint = set(ours["targets"]) if "targets" in ours else None
     try:
-        if kohya.is_kohya(state):
-            hint = set(ours["targets"]) if "targets" in ours else None
-            layers = kohya.from_kohya(state, out_features, hint)
-        else:
-            layers = _from_peft(state, metadata, out_features)
+        layers = fmt.fn("read")(state, metadata, out_features, hint)
     except KeyError as e:
         raise AdapterError(f"adapter.init_from {path}: {e.args[0]} -> fix: use a LoRA file made for this "
                            "FLUX model (transformer only)") from e
     if not layers:
         raise AdapterError(f"adapter.init_from {path}: no LoRA tensors found (lora_A/lora_B or lora_down/lora_up)")
     return LoraFile(path, layers, bool(ours.get("offset", False)), ours)
+
+
+def file_format(state: dict) -> Format:
+    """The format (formats.py) that recognises the file's keys, else the one that reads everything else."""
+    detected = [f for f in FORMATS.values() if f.detect and f.fn("detect")(state)]
+    return detected[0] if detected else next(f for f in FORMATS.values() if f.detect is None)
 
 
 def _peft_scale(metadata: dict) -> float | None:
@@ -75,8 +80,8 @@ def _peft_scale(metadata: dict) -> float | None:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _from_peft(state, metadata, out_features) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """diffusers/peft keys '[transformer.]<module>.lora_A.weight'; the scale from the LoRA config in the
+def read_peft(state, metadata, out_features, hint=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The diffusers format's reader: diffusers/peft keys '[transformer.]<module>.lora_A.weight'; the scale from the LoRA config in the
     metadata, else a '<module>.alpha' tensor, else 1 (as diffusers' loader reads such files)."""
     config_scale = _peft_scale(metadata)
     modules = {}

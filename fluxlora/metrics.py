@@ -11,8 +11,6 @@ Real model families have no exact detectors: they get no fidelity metrics (the e
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from fluxlora.toy import detect, subject, world
@@ -68,12 +66,6 @@ def prompt_honoured(img: np.ndarray, bg: str, pos: str, centre: tuple[int, int] 
     return 0.5 * (got_bg == bg) + 0.5 * (world.POSITIONS[row * 3 + col] == pos)
 
 
-def is_toy_model(path: str) -> bool:
-    from fluxlora.families.flux import resolve_path
-
-    return (Path(resolve_path(path)) / "fluxlora_toy.json").exists()
-
-
 class ToyEvaluator:
     """Generates the evaluation images with the current model and scores them."""
 
@@ -85,13 +77,13 @@ class ToyEvaluator:
                                 for bg, pos in EVAL_SUBJECT for seed in EVAL_SEEDS]
         self.world = world.heldout(N_WORLD)
         prompts = [p for p, *_ in self.subject_prompts] + [p for _, p, _ in self.world]
-        self.embeds = family.encode_prompts(pipe, prompts, max_len)
+        self.cond = family.encode_prompts(pipe, prompts, max_len)
         self.negative = family.encode_prompts(pipe, [""], max_len)
         self.base_world = self._world_images()  # the pristine base: computed before any adapter
 
     def _generate(self, offset: int, seeds: list[int]) -> list[np.ndarray]:
-        emb = tuple(e[offset:offset + len(seeds)] for e in self.embeds)
-        images = self.family.generate_many(self.pipe, *emb, self.negative, seeds, **self.settings)
+        cond = self.cond.select(slice(offset, offset + len(seeds)))
+        images = self.family.generate(self.pipe, cond, self.negative, seeds, **self.settings)
         return [np.asarray(im) for im in images]
 
     def _world_images(self) -> list[np.ndarray]:

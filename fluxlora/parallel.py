@@ -28,7 +28,7 @@ def worker_slots(requested: int | None) -> tuple[int, bool]:
     """(number of workers, on GPUs?) — one per visible GPU unless a number is given."""
     import torch
 
-    from fluxlora.runner import RunError
+    from fluxlora.errors import RunError
 
     gpus = torch.cuda.device_count()
     if requested is None:

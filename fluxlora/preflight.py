@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fluxlora import data
 from fluxlora.config import ConfigError, Problem, RunConfig
+from fluxlora.errors import ModelLoadError
 
 
 def _data_problems(cfg: RunConfig) -> list[Problem]:
@@ -28,10 +29,10 @@ def _data_problems(cfg: RunConfig) -> list[Problem]:
 
 
 def _model_problems(cfg: RunConfig) -> list[Problem]:
-    from fluxlora.families.flux import ModelLoadError, resolve_path
+    from fluxlora.modelpath import resolve
 
     try:
-        resolve_path(cfg.model.path)
+        resolve(cfg.model.path)
     except ModelLoadError as e:
         return [Problem("model.path", repr(cfg.model.path), str(e).split(" -> fix: ")[0],
                         str(e).split(" -> fix: ")[-1])]

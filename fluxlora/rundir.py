@@ -9,7 +9,8 @@
         init.json                 init method, time taken, trainable params, per-layer stats
         samples/step-000500/      grid.png + NN.png + meta.json
         checkpoints/step-000500/  full trainer state (written as tmp, then renamed)
-        adapter.safetensors       final export (diffusers keys, LoRA config in the metadata)
+        adapter.safetensors       final export, one file per format (formats.py; diffusers here)
+        adapter_comfyui.safetensors
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from fluxlora.formats import FORMATS
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
@@ -55,9 +58,16 @@ class ArmDir:
     status_file = property(lambda self: self.root / "status.json")
     metrics_file = property(lambda self: self.root / "metrics.jsonl")
     init_file = property(lambda self: self.root / "init.json")
-    adapter_file = property(lambda self: self.root / "adapter.safetensors")
+    adapter_file = property(lambda self: self.root / FORMATS["diffusers"].file_name)  # what sample/bench load
     samples_dir = property(lambda self: self.root / "samples")
     checkpoints_dir = property(lambda self: self.root / "checkpoints")
+
+    def export_file(self, fmt: str, rank: int | None = None) -> Path:
+        return self.root / FORMATS[fmt].file_for(rank)
+
+    def export_files(self) -> list[tuple[str, Path]]:
+        """(format, file) of every exported adapter file at full rank that exists."""
+        return [(fmt, self.export_file(fmt)) for fmt in FORMATS if self.export_file(fmt).is_file()]
 
     def create(self) -> "ArmDir":
         self.root.mkdir(parents=True, exist_ok=True)

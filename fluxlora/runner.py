@@ -7,16 +7,15 @@ import os
 import time
 from pathlib import Path
 
-from fluxlora import adapters, checkpoint, preflight
+from fluxlora import preflight
+from fluxlora.arms import check_arm, train_arm
 from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.distributed import make_accelerator, on_main
+from fluxlora.errors import AdapterError, CheckpointError, RunError, TrainingStopped
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
-from fluxlora.train import TrainingStopped, check_arm, train_arm
 
 
-class RunError(Exception):
-    """A user-facing problem with the run directory."""
 
 
 LOCK = ".lock"
@@ -154,7 +153,7 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, 
     prep = prepare(cfg, accelerator.device, warn=warn, main_first=accelerator.main_process_first,
                    evaluate=accelerator.is_main_process)
     prep.autocast = accelerator.autocast
-    prep.rank, prep.world = accelerator.process_index, accelerator.num_processes
+    prep.process_index, prep.num_processes = accelerator.process_index, accelerator.num_processes
     arms = arms or cfg.adapter.arms
     for method in arms:  # a file or target problem stops the run before any arm trains
         check_arm(prep, arm_config(cfg, method), method)
@@ -166,7 +165,7 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, 
             continue
         try:
             summary = train_arm(prep, arm_config(cfg, method), method, arm)
-        except (TrainingStopped, adapters.AdapterError, checkpoint.CheckpointError) as e:
+        except (TrainingStopped, AdapterError, CheckpointError) as e:
             if prep.main:
                 arm.set_status("failed", error=str(e))
             warn(f"arm {method} failed: {e}")

@@ -1,4 +1,6 @@
-"""The training loop: explicit, top to bottom. One arm = one init method on the shared prepared base."""
+"""The training loop: explicit, top to bottom, on an arm whose adapter is already in place (arms.py owns
+the arm's life around it). Functions take the prepared base and flat values or config sections, never the
+whole run config."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, checkpoint, distributed, export, inits, lora_sb, lorafile, sampling
-from fluxlora.prepare import Prepared, denoiser_offloaded_for_decode
+from fluxlora import adapters, checkpoint, distributed, gradients, sampling
+from fluxlora.errors import CheckpointError, TrainingStopped
+from fluxlora.families.interface import Cond
+from fluxlora.families.pipeline import denoiser_offloaded_for_decode
+from fluxlora.prepare import Prepared
 from fluxlora.rundir import ArmDir, write_json
 
 
@@ -42,15 +47,13 @@ class MetricsLog:
             self.writer.close()
 
 
-class TrainingStopped(Exception):
-    """The run stopped for a reason the user must act on (non-finite loss, write failure)."""
 
 
 @dataclass
 class Batch:
-    x0: torch.Tensor  # packed latents [B, T, 4C]
-    embeds: torch.Tensor
-    pooled: torch.Tensor
+    x0: torch.Tensor  # latents in the denoiser's layout (FLUX: packed [B, T, 4C])
+    cond: Cond  # the family's text conditioning of these rows
+    latent_hw: tuple[int, int]  # the latents' (h, w) before packing
     n_instance: int  # the first n rows are instance images, the rest prior-preservation images
 
 
@@ -61,11 +64,13 @@ def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
 
 
 def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of micro-batch ``micro`` in the endless sequence of epochs; flip view drawn from ``gen``."""
+    """Rows of micro-batch ``micro`` in the endless sequence of epochs; flip view drawn from ``gen``. An
+    epoch holds every image ``cache.repeats`` times, shuffled together (data.repeats)."""
     n = cache.latents.shape[0]
+    size = n * cache.repeats
     rows = []
     for k in range(micro * batch_size, (micro + 1) * batch_size):
-        rows.append(int(epoch_order(n, k // n, seed)[k % n]))
+        rows.append(int(epoch_order(size, k // size, seed)[k % size]) % n)
     rows = torch.tensor(rows)
     view = torch.randint(0, cache.latents.shape[1], (batch_size,), generator=gen)
     return cache.latents[rows, view], cache.caption_idx[rows]
@@ -77,28 +82,27 @@ def make_batch(prep: Prepared, micro: int, batch_size: int, seed: int, gen: torc
     if prep.prior is not None:
         plat, pcap = pick(prep.prior, micro, batch_size, seed + 1, gen)
         lat, cap = torch.cat([lat, plat]), torch.cat([cap, pcap])
-    d = prep.device
-    return Batch(prep.family.pack(lat).to(d), prep.embeds[cap].to(d), prep.pooled[cap].to(d), n)
+    return Batch(prep.family.pack(lat).to(prep.device), prep.text.select(cap), tuple(lat.shape[-2:]), n)
 
 
 def loss_step(prep: Prepared, model, batch: Batch, gen: torch.Generator, t, prior_weight: float):
-    """Flow-matching loss of one micro-batch. Noise and sigmas come from the CPU generator ``gen``."""
+    """The training loss of one micro-batch (``t``: the train section). Noise and sigmas come from the CPU
+    generator ``gen``."""
     fam = prep.family
     b = batch.x0.shape[0]
     sigmas = fam.sample_sigmas(b, t.timestep_sampling, gen, t.logit_mean, t.logit_std, t.mode_scale, t.shift)
     noise = torch.randn(batch.x0.shape, generator=gen).to(batch.x0)
     rec = {"sigma_sum": float(sigmas.double().sum()), "noise_sum": float(noise.double().sum())}
     n = batch.n_instance
-    if prep.world > 1:  # every process drew the whole global batch; it computes its own share
-        rows = distributed.share(n, b, prep.rank, prep.world)
-        batch = Batch(batch.x0[rows], batch.embeds[rows], batch.pooled[rows], n // prep.world)
-        sigmas, noise, n, b = sigmas[rows], noise[rows], n // prep.world, len(rows)
+    if prep.num_processes > 1:  # every process drew the whole global batch; it computes its own share
+        rows = distributed.share(n, b, prep.process_index, prep.num_processes)
+        batch = Batch(batch.x0[rows], batch.cond.select(rows), batch.latent_hw, n // prep.num_processes)
+        sigmas, noise, n, b = sigmas[rows], noise[rows], batch.n_instance, len(rows)
     sigmas = sigmas.to(batch.x0.device)
     xt, target = fam.noisy(batch.x0, noise, sigmas)
-    dtype = prep.dtype
+    cond = fam.condition(batch.cond, batch.latent_hw, t.guidance).to(batch.x0.device, prep.dtype)
     with prep.autocast():
-        pred = fam.predict(model, xt.to(dtype), sigmas, batch.embeds.to(dtype), batch.pooled.to(dtype),
-                           prep.img_ids.to(dtype), t.guidance)
+        pred = fam.predict(model, xt.to(prep.dtype), sigmas, cond)
     per = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
     per = per * fam.loss_weights(t.loss_weighting, sigmas).float()
     loss = per[:n].mean()
@@ -124,16 +128,17 @@ def make_lr_scheduler(optimizer, t):
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
 
 
-def write_samples(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: int, log) -> None:
+def sample_step(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: int, log) -> None:
+    """The fixed-seed sample grid of ``step`` (``s``: the sample section) and the evaluator's metrics."""
     if not prep.main:
         return
     model.eval()
     images, seeds = [], list(s.seeds)
     for i, _ in enumerate(prep.sample_prompts):
-        emb = [e[i:i + 1].expand(len(seeds), *e.shape[1:]) for e in prep.sample_embeds]
-        with denoiser_offloaded_for_decode(prep.pipe, s.offload_base):
-            images.append(prep.family.generate_many(prep.pipe, *emb, prep.negative, seeds, resolution, s.steps,
-                                                    s.guidance, s.true_cfg))
+        cond = prep.sample_cond.select(slice(i, i + 1)).expand(len(seeds))
+        with denoiser_offloaded_for_decode(prep.pipe, model, s.offload_base):
+            images.append(prep.family.generate(prep.pipe, cond, prep.negative, seeds, resolution, s.steps,
+                                               s.guidance, s.true_cfg))
     if prep.evaluator is not None:
         log({"step": step, **prep.evaluator.evaluate()})
     model.train()
@@ -146,64 +151,21 @@ def due(step: int, every: int, last: int) -> bool:
     return step == 0 or step == last or (every > 0 and step % every == 0)
 
 
-def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
-    """Train one arm to ``train.steps``; returns its summary. Resumes from a checkpoint when asked.
-    The arm's adapters are always removed afterwards, leaving the pristine base for the next arm."""
-    t, a, model = cfg.train, cfg.adapter, prep.pipe.transformer
-    model.to(prep.device)
-    if prep.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(prep.device)
-    scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
-    targets, start_file = check_arm(prep, cfg, method)
-    resume_from = checkpoint.find(arm, t.resume)
-    info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed,
-                           niter=a.pissa_niter, skip_init=resume_from is not None or start_file is not None,
-                           sb_gradients=functools.partial(sb_gradients, prep, cfg, targets),
-                           sb_lr=t.lr / max(1, t.warmup_steps))  # lora_sb's eta1: the first non-zero LR
-    if start_file is not None and resume_from is None:
-        adapters.load_factors(model, info, start_file.layers, start_file.offset)
-        info.init_from = str(start_file.path)
-    try:
-        if t.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        return _train_injected(prep, cfg, method, arm, info, resume_from)
-    finally:
-        adapters.remove(model, info)
-        if t.gradient_checkpointing:
-            model.disable_gradient_checkpointing()
-
-
-def check_arm(prep: Prepared, cfg, method: str):
-    """-> (target module names, the adapter.init_from file or None), refusing what cannot work before any
-    training: a file that does not fit the arm, or targets the configured export formats cannot hold."""
-    a, model = cfg.adapter, prep.pipe.transformer
-    targets = adapters.find_targets(model, a.target_modules or prep.family.TARGET_PRESETS[a.targets],
-                                    blocks_only=not a.target_modules)
-    export.check_formats(cfg.export.formats, targets)
-    if method == lora_sb.METHOD:
-        adapters.check_lora_sb(prep.stats["images"], a.sb_batches, cfg.train.batch_size, a.init_from)
-    if a.init_from is None:
-        return targets, None
-    out_features = adapters.linear_out_features(model)
-    start_file = lorafile.read(a.init_from, out_features)
-    lorafile.check(start_file, a.rank, targets, method not in inits.ZERO_PRODUCT, method, list(out_features))
-    return targets, start_file
-
-
-def sb_gradients(prep: Prepared, cfg, targets: list[str]) -> dict[str, torch.Tensor]:
-    """LoRA-SB's estimation pass (METHODS.md 3.2 step 1): the training loss's gradient wrt every target
-    weight, summed over adapter.sb_batches micro-batches. They are the micro-batches training starts with
-    (same make_batch / loss_step, a generator seeded like training's): the same images, noise and sigmas."""
-    t, model = cfg.train, prep.pipe.transformer
+def gradient_pass(prep: Prepared, t, targets: list[str], batches: int, prior_weight: float) -> dict[str, torch.Tensor]:
+    """The gradient pass of the data-driven inits (methods.py, needs GRADIENTS): the training loss's
+    gradient wrt every target weight, summed over the first ``batches`` micro-batches. They are the
+    micro-batches training starts with (same make_batch / loss_step, a generator seeded like training's):
+    the same images, noise and sigmas."""
+    model = prep.model
     gen, was_training = torch.Generator().manual_seed(t.seed), model.training
     model.train()
-    with lora_sb.weight_gradients(model, targets) as grads:
-        for micro in range(cfg.adapter.sb_batches):
+    with gradients.weight_gradients(model, targets) as grads:
+        for micro in range(batches):
             batch = make_batch(prep, micro, t.batch_size, t.seed, gen)
-            loss, _ = loss_step(prep, model, batch, gen, t, cfg.data.prior_loss_weight)
+            loss, _ = loss_step(prep, model, batch, gen, t, prior_weight)
             loss.backward()
     model.train(was_training)
-    if prep.world > 1:  # each process saw its share of every batch: sum the shares (only the sign is used)
+    if prep.num_processes > 1:  # each process saw its share of every batch: sum the shares
         import torch.distributed as dist
 
         for g in grads.values():
@@ -211,10 +173,10 @@ def sb_gradients(prep: Prepared, cfg, targets: list[str]) -> dict[str, torch.Ten
     return grads
 
 
-def _start(prep, cfg, arm, info, resume_from, log):
+def _start(prep, t, s, arm, info, resume_from, log, lr_ratio_b: float, resolution: int):
     """Optimizer, LR schedule and generator (restored when resuming) and the step-0 samples."""
-    t, model = cfg.train, prep.pipe.transformer
-    optimizer, gen = make_optimizer(model, t, cfg.adapter.lr_ratio_b), torch.Generator().manual_seed(t.seed)
+    model = prep.model
+    optimizer, gen = make_optimizer(model, t, lr_ratio_b), torch.Generator().manual_seed(t.seed)
     lr_scheduler = make_lr_scheduler(optimizer, t)
     start = 0
     if resume_from is not None:
@@ -225,30 +187,32 @@ def _start(prep, cfg, arm, info, resume_from, log):
             write_json(arm.init_file, init_record(info))
         arm.set_status("running", step=start, total=t.steps, method=info.method)
     if start == 0:
-        write_samples(prep, model, arm, 0, cfg.sample, cfg.sample.resolution or cfg.data.resolution, log)
+        sample_step(prep, model, arm, 0, s, resolution, log)
     model.train()
     return optimizer, lr_scheduler, gen, start
 
 
-def accumulate(prep, cfg, model, step: int, gen, params) -> tuple[float, dict]:
+def accumulate(prep, t, prior_weight: float, model, step: int, gen, params) -> tuple[float, dict]:
     """Forward/backward over ``grad_accum`` micro-batches; returns the mean loss and draw checksums.
     In data-parallel runs the gradients and the loss are averaged over the processes."""
-    t = cfg.train
     loss_total, rec = 0.0, {}
     for micro in range(t.grad_accum):
         batch = make_batch(prep, step * t.grad_accum + micro, t.batch_size, t.seed, gen)
-        loss, rec = loss_step(prep, model, batch, gen, t, cfg.data.prior_loss_weight)
+        loss, rec = loss_step(prep, model, batch, gen, t, prior_weight)
         (loss / t.grad_accum).backward()
         loss_total += loss.item() / t.grad_accum
-    distributed.average_gradients(params, prep.world)
-    return distributed.mean_over_processes(loss_total, prep.device, prep.world), rec
+    distributed.average_gradients(params, prep.num_processes)
+    return distributed.mean_over_processes(loss_total, prep.device, prep.num_processes), rec
 
 
-def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
-    t, model = cfg.train, prep.pipe.transformer
+def train_loop(prep: Prepared, t, s, arm: ArmDir, info: adapters.AdapterInfo, resume_from, *, lr_ratio_b: float,
+               prior_weight: float, resolution: int) -> float:
+    """Train the injected arm from step 0 (or ``resume_from``) to ``t.steps`` (``t``/``s``: the train and
+    sample sections); returns the time.perf_counter() at which it started (the arm's wall time counts from
+    there to the end of its export)."""
+    model, method = prep.model, info.method
     log = MetricsLog(arm, t.tensorboard, enabled=prep.main)
-    optimizer, lr_scheduler, gen, start = _start(prep, cfg, arm, info, resume_from, log)
-    res = cfg.sample.resolution or cfg.data.resolution
+    optimizer, lr_scheduler, gen, start = _start(prep, t, s, arm, info, resume_from, log, lr_ratio_b, resolution)
     bad, done, t_start, last_status = 0, start, time.perf_counter(), time.monotonic()
     params = adapters.trainable_parameters(model)  # once: walking the module tree costs ms per step
     gen_state = gen.get_state()
@@ -257,7 +221,7 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
     try:
         for step in bar:
             t0, gen_state = time.perf_counter(), gen.get_state()
-            loss_total, rec = accumulate(prep, cfg, model, step, gen, params)
+            loss_total, rec = accumulate(prep, t, prior_weight, model, step, gen, params)
             if not math.isfinite(loss_total):
                 optimizer.zero_grad(set_to_none=True)  # the step is not applied
                 bad, done = bad + 1, step + 1
@@ -277,8 +241,8 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
                                  "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0,
                                  "time": time.time(), **rec})
             bar.set_postfix(loss=f"{loss_total:.4f}")
-            if due(done, cfg.sample.every, t.steps):
-                write_samples(prep, model, arm, done, cfg.sample, res, log)
+            if due(done, s.every, t.steps):
+                sample_step(prep, model, arm, done, s, resolution, log)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
                 save_checkpoint(prep, arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
             if prep.main and time.monotonic() - last_status > 2.0:  # status.json is fsync'ed: not every step
@@ -295,21 +259,8 @@ def _train_injected(prep, cfg, method, arm, info, resume_from) -> dict:
     finally:
         bar.close()
         log.close()
-    return _finish(prep, cfg, method, arm, info, t_start)
+    return t_start
 
-
-def _finish(prep, cfg, method, arm, info, t_start: float) -> dict:
-    """The main process exports the adapter; every process returns its summary."""
-    if not prep.main:
-        return {"arm": arm.name, "method": method, "rank": prep.rank}
-    steps = cfg.train.steps
-    arm.set_status("running", step=steps, total=steps, method=method)
-    try:
-        export.export_arm(prep.pipe.transformer, info, arm, cfg, method, steps)
-    except OSError as e:
-        raise TrainingStopped(f"could not write {arm.adapter_file}: {e} -> the final checkpoint is kept; "
-                              f"free disk space and run: fluxlora export {arm.root.parent}") from e
-    return summarize(arm, info, time.perf_counter() - t_start, prep.device)
 
 
 @contextlib.contextmanager
@@ -354,7 +305,7 @@ def save_checkpoint(prep, arm, step, model, optimizer, lr_scheduler, gen, keep) 
         return
     try:
         checkpoint.save(arm, step, model, optimizer, lr_scheduler, gen, keep)
-    except checkpoint.CheckpointError as e:
+    except CheckpointError as e:
         raise TrainingStopped(str(e)) from e
 
 

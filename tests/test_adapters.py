@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from family_helpers import FLUX, flux_predict, generate_one
 from conftest import tiny_config
-from fluxlora import adapters, inits
-from fluxlora.families import flux
+from fluxlora import adapters, inits, methods
+from fluxlora.families.flux import image_ids
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run
 from test_train import weights_hash
@@ -20,37 +21,37 @@ METHODS = sorted(inits.INITS)
 def model_inputs():
     g = torch.Generator().manual_seed(1)
     return (torch.randn(2, 16, 16, generator=g), torch.tensor([0.3, 0.8]), torch.randn(2, 24, 64, generator=g),
-            torch.randn(2, 32, generator=g), flux.image_ids(8, 8))
+            torch.randn(2, 32, generator=g), image_ids(8, 8))
 
 
 def outputs(model):
     x, sig, emb, pooled, ids = model_inputs()
     with torch.no_grad():
-        return flux.predict(model, x, sig, emb, pooled, ids, 1.0)
+        return flux_predict(model, x, sig, emb, pooled, ids, 1.0)
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8", "nf4"])
 @pytest.mark.parametrize("method", METHODS)
 def test_step0_output_equals_base_and_base_untouched(tiny_flux, method, quantize):
-    pipe = flux.load_pipeline(str(tiny_flux), quantize=quantize)
+    pipe = FLUX.load(str(tiny_flux), quantize=quantize)
     model = pipe.transformer
     base, before = outputs(model), weights_hash(model)
-    targets = adapters.find_targets(model, flux.TARGET_PRESETS["attn"])
+    targets = adapters.find_targets(model, FLUX.target_presets["attn"])
     info = adapters.inject(model, method, 4, 0.5, targets, seed=0)
     torch.testing.assert_close(outputs(model), base, rtol=0, atol=1e-5)
     assert weights_hash(model) == before
-    assert info.has_offset == (method not in inits.ZERO_PRODUCT)
+    assert info.has_offset == (methods.METHODS[method].start == methods.OFFSET)
     adapters.remove(model, info)
     torch.testing.assert_close(outputs(model), base, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["pissa", "loram", "olora"])
 def test_gradients_reach_both_factors_from_step_one(tiny_flux, method):
-    pipe = flux.load_pipeline(str(tiny_flux))
+    pipe = FLUX.load(str(tiny_flux))
     model = pipe.transformer
-    targets = adapters.find_targets(model, flux.TARGET_PRESETS["attn"])
+    targets = adapters.find_targets(model, FLUX.target_presets["attn"])
     adapters.inject(model, method, 4, 1.0, targets, seed=0)
-    outputs_with_grad = flux.predict(model, *model_inputs()[:4], model_inputs()[4], 1.0)
+    outputs_with_grad = flux_predict(model, *model_inputs()[:4], model_inputs()[4], 1.0)
     outputs_with_grad.pow(2).mean().backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -60,10 +61,10 @@ def test_gradients_reach_both_factors_from_step_one(tiny_flux, method):
 
 
 def test_plain_lora_starves_a_at_step_one(tiny_flux):
-    pipe = flux.load_pipeline(str(tiny_flux))
+    pipe = FLUX.load(str(tiny_flux))
     model = pipe.transformer
-    adapters.inject(model, "lora", 4, 1.0, adapters.find_targets(model, flux.TARGET_PRESETS["attn"]), seed=0)
-    flux.predict(model, *model_inputs()[:4], model_inputs()[4], 1.0).pow(2).mean().backward()
+    adapters.inject(model, "lora", 4, 1.0, adapters.find_targets(model, FLUX.target_presets["attn"]), seed=0)
+    flux_predict(model, *model_inputs()[:4], model_inputs()[4], 1.0).pow(2).mean().backward()
     a_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad]
     assert all(g is None or g.abs().sum() == 0 for g in a_grads)  # B = 0 blocks A's gradient
 
@@ -75,11 +76,10 @@ def test_trained_export_reloads_exactly_in_diffusers(tmp_path, tiny_flux, subjec
     assert "error" not in run(cfg, warn=lambda m: None)[0]
     arm = GroupDir(tmp_path / "runs" / "tiny").arm(method)
     trained = np.asarray(Image.open(arm.samples_dir / "step-000003" / "00.png")).astype(int)
-    pipe = flux.load_pipeline(str(tiny_flux))
+    pipe = FLUX.load(str(tiny_flux))
     base_hash = weights_hash(pipe.transformer)
     pipe.load_lora_weights(str(arm.adapter_file))
-    embeds, pooled = flux.encode_prompts(pipe, cfg.sample.prompts, 24)
-    img = flux.generate(pipe, embeds, pooled, None, seed=0, resolution=32, steps=2, guidance=3.5, true_cfg=1.0)
+    img = generate_one(FLUX, pipe, cfg.sample.prompts[0], 24)
     assert np.abs(np.asarray(img).astype(int) - trained).max() <= 1
     assert weights_hash(pipe.transformer) == base_hash
     stats = arm.init_file.read_text()

@@ -284,13 +284,13 @@ def test_cli_missing_config_file_and_debug_traceback(tmp_path, capsys):
 
 
 def test_bad_data_refused_before_any_model_loads(tmp_path, monkeypatch):
-    from fluxlora.families import flux
+    from fluxlora import modelpath
     from fluxlora.runner import run
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the checks")
 
-    monkeypatch.setattr(flux, "load_pipeline", no_loading)
+    monkeypatch.setattr(modelpath, "load_base", no_loading)
     images = tmp_path / "images"
     images.mkdir()
     (images / "empty.png").write_bytes(b"")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from family_helpers import FLUX, flux_predict, generate_one
 from conftest import assert_resume_matches_uninterrupted, tiny_config
-from fluxlora.families import FAMILIES
+from fluxlora import families
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run
 from test_train import weights_hash
@@ -39,18 +40,15 @@ def family_run(request, tmp_path_factory, tiny_pipelines, subject_dir):
 
 
 def generate(family, pipe) -> np.ndarray:
-    embeds, pooled = family.encode_prompts(pipe, [PROMPT], MAX_LEN[family.NAME])
-    neg = family.encode_prompts(pipe, [""], MAX_LEN[family.NAME])
-    return np.asarray(family.generate(pipe, embeds, pooled, neg, seed=0, resolution=32, steps=2, guidance=3.0,
-                                      true_cfg=1.0)).astype(int)
+    return np.asarray(generate_one(family, pipe, PROMPT, MAX_LEN[family.name], guidance=3.0, negative="")).astype(int)
 
 
 def test_arms_share_draws_and_start_at_the_base(family_run):
     name, path, group = family_run
     sums = [[(r["sigma_sum"], r["noise_sum"]) for r in arm.metrics() if "loss" in r] for arm in group.arms()]
     assert sums[0] == sums[1] == sums[2] and len(sums[0]) == 3
-    family = FAMILIES[name]
-    base = generate(family, family.load_pipeline(str(path)))
+    family = families.get(name)
+    base = generate(family, family.load(str(path)))
     for arm in group.arms():
         assert np.abs(image(arm.samples_dir / "step-000000" / "00.png") - base).max() <= 1, arm.name
         assert np.abs(image(arm.samples_dir / "step-000003" / "00.png") - base).max() > 0, "training changed nothing"
@@ -64,12 +62,12 @@ def test_export_reloads_exactly_in_the_family_pipeline(family_run, method):
     arm = group.arm(method)
     assert not (arm.root / "adapter_comfyui.safetensors").exists()  # kohya keys are FLUX-only
     assert read_metadata(arm.adapter_file)["family"] == name
-    family = FAMILIES[name]
-    pipe = family.load_pipeline(str(path))
-    before = weights_hash(pipe.transformer)
+    family = families.get(name)
+    pipe = family.load(str(path))
+    before = weights_hash(family.denoiser(pipe))
     pipe.load_lora_weights(str(arm.adapter_file))  # the family pipeline's own loader
     assert np.abs(generate(family, pipe) - image(arm.samples_dir / "step-000003" / "00.png")).max() <= 1
-    assert weights_hash(pipe.transformer) == before
+    assert weights_hash(family.denoiser(pipe)) == before
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -93,8 +91,8 @@ def test_family_specific_options_are_refused(subject_dir, tmp_path):
 
 
 def test_min_snr_weights_follow_the_schedule(tiny_pipelines):
-    family = FAMILIES["sdxl"]
-    bound = family.bind(family.load_pipeline(str(tiny_pipelines("sdxl"))))
+    family = families.get("sdxl")
+    bound = family.bind(family.load(str(tiny_pipelines("sdxl"))))
     import torch
 
     u = torch.tensor([0.001, 0.5, 0.999])
@@ -121,7 +119,7 @@ def test_v_prediction_target():
 
 def test_web_ui_generation_serves_every_family(family_run):
     """The web UI's generator (one loaded base, adapters switched) reproduces the trained samples."""
-    from fluxlora.compare import AdapterBench
+    from fluxlora.bench import AdapterBench
 
     name, _, group = family_run
     bench = AdapterBench(group.root)
@@ -133,14 +131,14 @@ def test_web_ui_generation_serves_every_family(family_run):
 
 def test_conv_targets_are_refused_and_presets_stay_inside_the_blocks(tiny_pipelines, tiny_flux):
     from fluxlora import adapters
-    from fluxlora.families import flux
 
-    unet = FAMILIES["sd15"].load_pipeline(str(tiny_pipelines("sd15"))).transformer
+    sd15 = families.get("sd15")
+    unet = sd15.denoiser(sd15.load(str(tiny_pipelines("sd15"))))
     with pytest.raises(adapters.AdapterError, match="convolution layers.*Linear layers only"):
         adapters.find_targets(unet, ["to_q", "conv1"])
-    assert adapters.find_targets(unet, FAMILIES["sd15"].TARGET_PRESETS["wide"], blocks_only=True)
-    model = flux.load_pipeline(str(tiny_flux)).transformer
-    wide = adapters.find_targets(model, flux.TARGET_PRESETS["wide"], blocks_only=True)
+    assert adapters.find_targets(unet, sd15.target_presets["wide"], blocks_only=True)
+    model = FLUX.load(str(tiny_flux)).transformer
+    wide = adapters.find_targets(model, FLUX.target_presets["wide"], blocks_only=True)
     assert "proj_out" not in wide and "single_transformer_blocks.0.proj_out" in wide  # not the final layer
     assert "proj_out" in adapters.find_targets(model, ["proj_out"])  # named explicitly: allowed
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fluxlora.families import flux
+from fluxlora.errors import ModelLoadError
+from fluxlora.families import flow, flux
+from fluxlora.modelpath import resolve
 from fluxlora.runner import run
 
 
@@ -23,7 +25,7 @@ def test_pack_matches_diffusers_layout_and_ids():
 
 def test_noisy_endpoints_and_velocity_target():
     x0, n = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
-    xt, target = flux.noisy(x0, n, torch.tensor([0.0, 1.0, 0.25]))
+    xt, target = flow.noisy(x0, n, torch.tensor([0.0, 1.0, 0.25]))
     assert torch.allclose(xt[0], x0[0]) and torch.allclose(xt[1], n[1])
     assert torch.allclose(xt[2], 0.75 * x0[2] + 0.25 * n[2])
     assert torch.allclose(target, n - x0)
@@ -31,16 +33,16 @@ def test_noisy_endpoints_and_velocity_target():
 
 def test_shift_is_monotone_and_fixes_endpoints():
     s = torch.linspace(0, 1, 11)
-    shifted = flux.shift_sigmas(s, 3.0)
+    shifted = flow.shift_sigmas(s, 3.0)
     assert shifted[0] == 0 and shifted[-1] == 1 and torch.all(shifted[1:-1] > s[1:-1])
     assert torch.all(torch.diff(shifted) > 0)
-    assert torch.allclose(flux.shift_sigmas(s, 1.0), s)
+    assert torch.allclose(flow.shift_sigmas(s, 1.0), s)
 
 
 @pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode"])
 def test_sigma_sampling_is_seeded_and_in_range(scheme):
-    a = flux.sample_sigmas(256, scheme, torch.Generator().manual_seed(3), 0.0, 1.0, 1.29, 1.0)
-    b = flux.sample_sigmas(256, scheme, torch.Generator().manual_seed(3), 0.0, 1.0, 1.29, 1.0)
+    a = flow.sample_sigmas(256, scheme, torch.Generator().manual_seed(3), 0.0, 1.0, 1.29, 1.0)
+    b = flow.sample_sigmas(256, scheme, torch.Generator().manual_seed(3), 0.0, 1.0, 1.29, 1.0)
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
     if scheme == "logit_normal":  # median of sigmoid(N(0, 1)) is 0.5
         assert abs(float(a.median()) - 0.5) < 0.1
@@ -48,13 +50,13 @@ def test_sigma_sampling_is_seeded_and_in_range(scheme):
 
 def test_loss_weights():
     s = torch.tensor([0.2, 0.5])
-    assert torch.equal(flux.loss_weights("none", s), torch.ones(2))
-    assert torch.allclose(flux.loss_weights("sigma_sqrt", s), s ** -2.0)
+    assert torch.equal(flow.loss_weights("none", s), torch.ones(2))
+    assert torch.allclose(flow.loss_weights("sigma_sqrt", s), s ** -2.0)
 
 
 def test_missing_local_model_path_is_a_clear_error():
-    with pytest.raises(flux.ModelLoadError, match="does not exist"):
-        flux.resolve_path("./no/such/pipeline")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve("./no/such/pipeline")
 
 
 @pytest.mark.parametrize("train", [
@@ -69,5 +71,5 @@ def test_training_options_run(tmp_path, tiny_flux, subject_dir, train):
 
 def test_hub_id_in_offline_mode_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(flux.ModelLoadError, match="HF_HUB_OFFLINE is set"):
-        flux.load_pipeline("someorg/not-cached-model")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set"):
+        flux.FAMILY.load(resolve("someorg/not-cached-model"))

@@ -1,5 +1,5 @@
 """Interop on the tiny FLUX: kohya/ComfyUI key format (exact fused adapters), adapter.init_from in either
-format, export options (formats, dtype, SVD re-factorization) and the metadata every file carries.
+format, export options (formats, dtype, truncated-SVD lower rank) and the metadata every file carries.
 
 The comfyui file through diffusers' own kohya reader is tested on a FLUX-width model in
 test_interop_wide.py: that reader hard-codes FLUX.1's layer sizes for single blocks' linear1."""
@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from family_helpers import FLUX, flux_predict, generate_one
 from conftest import tiny_config
 from fluxlora import adapters, commands, export, kohya, lorafile
 from fluxlora.config import dump_config
-from fluxlora.families import flux
+from fluxlora.families.flux import image_ids
+from fluxlora.formats import FORMATS
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run
 from test_adapters import outputs
@@ -78,11 +80,11 @@ def test_targets_without_kohya_counterpart_are_refused_for_comfyui_only():
     export.check_formats(["diffusers"], ["pos_embed.proj"])
 
 
-def test_refactor_is_the_truncated_svd_with_its_error():
+def test_truncate_rank_is_the_truncated_svd_with_its_error():
     g = torch.Generator().manual_seed(0)
     layers = {"a": (torch.randn(8, 20, generator=g), torch.randn(12, 8, generator=g)),
               "b": (torch.randn(8, 5, generator=g), torch.randn(30, 8, generator=g))}
-    res = export.refactor(layers, 3)
+    res = export.truncate_rank(layers, 3)
     tails, totals = [], []
     for name, (a, b) in layers.items():
         delta = (b @ a).double()
@@ -101,7 +103,7 @@ def test_refactor_is_the_truncated_svd_with_its_error():
 def test_foreign_kohya_file_starts_the_arm_at_its_delta(tiny_flux, tmp_path):
     """An sd-scripts style file (one shared down on fused layers, alpha != rank, no metadata) loads as the
     delta it means, checked against merging that delta into a copy of the base weights by hand."""
-    model = flux.load_pipeline(str(tiny_flux)).transformer
+    model = FLUX.load(str(tiny_flux)).transformer
     out_features = adapters.linear_out_features(model)
     g, rank, state = torch.Generator().manual_seed(3), 4, {}
     fused = {"double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
@@ -141,7 +143,7 @@ def test_foreign_kohya_file_starts_the_arm_at_its_delta(tiny_flux, tmp_path):
     info = adapters.inject(model, "lora", rank, 1.0, targets, skip_init=True)
     adapters.load_factors(model, info, lf.layers, lf.offset)
     torch.testing.assert_close(outputs(model), outputs(merged), rtol=0, atol=2e-5)
-    assert (outputs(merged) - outputs(flux.load_pipeline(str(tiny_flux)).transformer)).abs().max() > 1e-2
+    assert (outputs(merged) - outputs(FLUX.load(str(tiny_flux)).transformer)).abs().max() > 1e-2
 
 
 # ----- runs -------------------------------------------------------------------------------------------
@@ -162,7 +164,7 @@ def pixels(path):
 @pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
 @pytest.mark.parametrize("method", ["lora", "loram"])
 def test_init_from_continues_where_the_file_left_off(tmp_path, tiny_flux, subject_dir, first_run, fmt, method):
-    file = export.export_path(first_run.arm(method), fmt)
+    file = first_run.arm(method).export_file(fmt)
     cfg = tiny_config(tmp_path, tiny_flux, subject_dir, name="cont", train={"steps": 1},
                       adapter={"init": method, "rank": 4, "init_from": str(file)})
     assert "error" not in run(cfg, warn=lambda m: None)[0]
@@ -181,7 +183,7 @@ def test_init_from_continues_where_the_file_left_off(tmp_path, tiny_flux, subjec
      r"the config 4 more, e.g. \['transformer_blocks.0.attn.add_k_proj'.*target_modules="),
 ])
 def test_init_from_mismatch_is_a_clear_error(tmp_path, tiny_flux, subject_dir, first_run, change, message):
-    file = export.export_path(first_run.arm("loram"), "comfyui")
+    file = first_run.arm("loram").export_file("comfyui")
     cfg = tiny_config(tmp_path, tiny_flux, subject_dir, name="bad", adapter={**change, "init_from": str(file)})
     with pytest.raises(adapters.AdapterError, match=f"adapter.init_from {file} does not fit the config: .*{message}"):
         run(cfg, warn=lambda m: None)
@@ -191,7 +193,7 @@ def test_init_from_mismatch_is_a_clear_error(tmp_path, tiny_flux, subject_dir, f
 def test_init_from_user_errors_exit_2(tmp_path, tiny_flux, subject_dir, first_run, capsys):
     from fluxlora.cli import main
 
-    file = export.export_path(first_run.arm("lora"), "diffusers")
+    file = first_run.arm("lora").export_file("diffusers")
     for name, init_from, expected in (("r", str(file), "adapter.rank=4"),
                                       ("m", str(tmp_path / "nope.safetensors"), "adapter.init_from")):
         cfg = tiny_config(tmp_path, tiny_flux, subject_dir, name=name, adapter={"rank": 8, "init_from": init_from})
@@ -203,7 +205,7 @@ def test_init_from_user_errors_exit_2(tmp_path, tiny_flux, subject_dir, first_ru
 
 
 def test_metadata_in_every_file(first_run, tiny_flux, capsys):
-    files = [export.export_path(first_run.arm(a), f) for a in ("lora", "loram") for f in export.FORMATS]
+    files = [first_run.arm(a).export_file(f) for a in ("lora", "loram") for f in FORMATS]
     lines = [f"{p.name} {hashlib.sha256(p.read_bytes()).hexdigest()}"
              for p in sorted((tiny_flux / "transformer").glob("*.safetensors"))]
     for path in files:
@@ -231,7 +233,7 @@ def test_base_model_hash_is_cached_by_size_and_mtime(tiny_flux, tmp_path, monkey
 
 def test_export_command_formats_dtype_and_smaller_rank(first_run, capsys):
     root, arm = first_run.root, first_run.arm("loram")
-    full = load_file(str(export.export_path(arm, "comfyui")))
+    full = load_file(str(arm.export_file("comfyui")))
     assert commands.export(root, ["loram"], commands.parse_formats(["comfyui,diffusers"]), "fp16", 3) == 0
     out = capsys.readouterr().out
     small = load_file(str(arm.root / "adapter_comfyui-r3.safetensors"))
@@ -249,7 +251,7 @@ def test_export_command_formats_dtype_and_smaller_rank(first_run, capsys):
     assert f"{meta['refactor_error']:.3e}" in out and "max over layers" in out
     assert commands.export(root, None, ["comfyui"], None, 4) == 0  # lora's exact file is rank 4 already
     out = capsys.readouterr().out
-    assert "lora: its exact export is already rank 4 <= 4; nothing to re-factorize" in out
+    assert "lora: its exact export is already rank 4 <= 4; nothing to truncate" in out
     assert "loram: rank 4 relative error" in out
     assert not (first_run.arm("lora").root / "adapter_comfyui-r4.safetensors").exists()
     with pytest.raises(adapters.AdapterError, match="--rank 0 is not between 1 and the exported rank 8"):

@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from family_helpers import FLUX, flux_predict, generate_one
 from conftest import tiny_config
 from fluxlora import adapters, export, kohya
 from fluxlora.families import flux
+from fluxlora.formats import FORMATS
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run
 from test_train import weights_hash
@@ -37,30 +39,28 @@ def wide_flux(tmp_path_factory):
 
 
 def diffusers_pipe(path):
-    pipe = flux.load_pipeline(str(path))
+    pipe = FLUX.load(str(path))
     return pipe, weights_hash(pipe.transformer)
 
 
 def test_comfyui_and_diffusers_files_reload_exactly_in_diffusers(tmp_path, wide_flux, subject_dir):
     # The "wide" preset less the final proj_out (see the next test for layers outside the blocks): fused
     # qkv of both streams, linear1 from q, k, v and proj_mlp, the MLPs and linear2.
-    modules = [m for m in flux.TARGET_PRESETS["wide"] if m != "proj_out"] + ["single_transformer_blocks.0.proj_out"]
+    modules = [m for m in FLUX.target_presets["wide"] if m != "proj_out"] + ["single_transformer_blocks.0.proj_out"]
     cfg = tiny_config(tmp_path, wide_flux, subject_dir, adapter={"init": ["lora", "loram"], "rank": 2,
                                                                   "target_modules": modules},
                       train={"steps": 2, "lr": 3.0e-2})
     assert all("error" not in r for r in run(cfg, warn=lambda m: None))
     group = GroupDir(tmp_path / "runs" / "tiny")
     pipe, base_hash = diffusers_pipe(wide_flux)
-    embeds, pooled = flux.encode_prompts(pipe, cfg.sample.prompts, 24)
     for method in ("lora", "loram"):
         arm = group.arm(method)
         trained = np.asarray(Image.open(arm.samples_dir / "step-000002" / "00.png")).astype(int)
         untrained = np.asarray(Image.open(arm.samples_dir / "step-000000" / "00.png")).astype(int)
         assert np.abs(trained - untrained).max() > 4  # the adapter changes the image: the check has teeth
-        for fmt in export.FORMATS:
-            pipe.load_lora_weights(str(export.export_path(arm, fmt)), adapter_name=f"{method}_{fmt}")
-            img = flux.generate(pipe, embeds, pooled, None, seed=0, resolution=32, steps=2, guidance=3.5,
-                                true_cfg=1.0)
+        for fmt in FORMATS:
+            pipe.load_lora_weights(str(arm.export_file(fmt)), adapter_name=f"{method}_{fmt}")
+            img = generate_one(FLUX, pipe, cfg.sample.prompts[0], 24)
             assert np.abs(np.asarray(img).astype(int) - trained).max() <= 1, (method, fmt)
             pipe.unload_lora_weights()
             assert weights_hash(pipe.transformer) == base_hash
@@ -71,7 +71,7 @@ def test_every_linear_module_maps_through_diffusers_kohya_reader(tmp_path, wide_
     halves) adapted at once with random factors: diffusers' reading of our file computes our output."""
     from diffusers import FluxPipeline
 
-    model = flux.load_pipeline(str(wide_flux)).transformer
+    model = FLUX.load(str(wide_flux)).transformer
     out_features = adapters.linear_out_features(model)
     assert not kohya.unmappable(list(out_features))
     info = adapters.inject(model, "lora", 2, 0.7, sorted(out_features), skip_init=True)
@@ -82,12 +82,12 @@ def test_every_linear_module_maps_through_diffusers_kohya_reader(tmp_path, wide_
     x, emb, pooled = (torch.randn(1, 4, 16, generator=g), torch.randn(1, 24, 64, generator=g),
                       torch.randn(1, 32, generator=g))
     with torch.no_grad():
-        ours = flux.predict(model, x, torch.tensor([0.6]), emb, pooled, flux.image_ids(4, 4), 3.5)
+        ours = flux_predict(model, x, torch.tensor([0.6]), emb, pooled, flux.image_ids(4, 4), 3.5)
         state = kohya.to_kohya(adapters.export_factors(model, info), info.scale, out_features)
         adapters.remove(model, info)
-        base = flux.predict(model, x, torch.tensor([0.6]), emb, pooled, flux.image_ids(4, 4), 3.5)
+        base = flux_predict(model, x, torch.tensor([0.6]), emb, pooled, flux.image_ids(4, 4), 3.5)
     path = tmp_path / "all.safetensors"
-    export.write_comfyui(path, state, {})
+    export.save_kohya_file(path, state, {})
     # diffusers 0.42's kohya converter names the modules outside the blocks (x_embedder, context_embedder,
     # time_text_embed.*, norm_out.linear, proj_out) without the "transformer." prefix, so load_lora_weights
     # drops them (ComfyUI reads them: it maps every diffusion_model.<name>.weight to lora_unet_<name>).
@@ -100,6 +100,6 @@ def test_every_linear_module_maps_through_diffusers_kohya_reader(tmp_path, wide_
                         tokenizer_2=None, transformer=model)
     pipe.load_lora_weights(converted)
     with torch.no_grad():
-        theirs = flux.predict(model, x, torch.tensor([0.6]), emb, pooled, flux.image_ids(4, 4), 3.5)
+        theirs = flux_predict(model, x, torch.tensor([0.6]), emb, pooled, flux.image_ids(4, 4), 3.5)
     assert (ours - base).abs().max() > 0.05
     torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-4)

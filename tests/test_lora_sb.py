@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from family_helpers import FLUX, flux_predict, generate_one
 from conftest import assert_resume_matches_uninterrupted, tiny_config
-from fluxlora import adapters, inits, lora_sb, train
-from fluxlora.families import flux
+from fluxlora import adapters, arms, inits, lora_sb, train
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import open_group, run
@@ -29,12 +29,17 @@ def sb_config(tmp_path, tiny_flux, subject_dir, **sections):
 
 
 def inject_sb(prep, cfg):
-    model = prep.pipe.transformer
-    targets = adapters.find_targets(model, flux.TARGET_PRESETS["attn"])
+    model = prep.model
+    targets = adapters.find_targets(model, FLUX.target_presets["attn"])
     t = cfg.train
-    info = adapters.inject(model, "lora_sb", RANK, 0.5, targets, seed=t.seed, sb_lr=t.lr / max(1, t.warmup_steps),
-                           sb_gradients=functools.partial(train.sb_gradients, prep, cfg, targets))
+    inputs = adapters.InitInputs(functools.partial(sb_gradients, prep, cfg, targets), t.lr / max(1, t.warmup_steps))
+    info = adapters.inject(model, "lora_sb", RANK, 0.5, targets, seed=t.seed, inputs=inputs)
     return model, targets, info
+
+
+def sb_gradients(prep, cfg, targets):
+    """The trainer's gradient pass over lora_sb's estimation batches."""
+    return train.gradient_pass(prep, cfg.train, targets, cfg.adapter.sb_batches, cfg.data.prior_loss_weight)
 
 
 def factors_of(model, name):
@@ -44,7 +49,7 @@ def factors_of(model, name):
 
 def reference_gradients(prep, cfg, targets):
     """The summed first-step gradient by plain autograd on the target weights (not lora_sb's hooks)."""
-    model, t = prep.pipe.transformer, cfg.train
+    model, t = prep.model, cfg.train
     weights = [model.get_submodule(n).weight for n in targets]
     for w in weights:
         w.requires_grad_(True)
@@ -80,10 +85,10 @@ def test_factors_unit_orthonormal_and_truncated_svd():
 def test_init_is_the_truncated_svd_of_the_approximated_first_adamw_step(tmp_path, tiny_flux, subject_dir):
     cfg = sb_config(tmp_path, tiny_flux, subject_dir, train={"warmup_steps": 1})  # eta1 = lr / 1
     prep = prepare(cfg, torch.device("cpu"), warn=lambda m: None)
-    model = prep.pipe.transformer
-    targets = adapters.find_targets(model, flux.TARGET_PRESETS["attn"])
+    model = prep.model
+    targets = adapters.find_targets(model, FLUX.target_presets["attn"])
     ref = reference_gradients(prep, cfg, targets)
-    hooked = train.sb_gradients(prep, cfg, targets)
+    hooked = sb_gradients(prep, cfg, targets)
     for name in targets:  # lora_sb's hook accumulation equals autograd's weight gradient
         torch.testing.assert_close(hooked[name], ref[name], rtol=1e-4, atol=1e-7)
     before, base_out = weights_hash(model), outputs(model)
@@ -115,13 +120,13 @@ def test_init_is_the_truncated_svd_of_the_approximated_first_adamw_step(tmp_path
 def test_only_r_trains_and_the_base_stays_bit_identical(tmp_path, tiny_flux, subject_dir):
     cfg = sb_config(tmp_path, tiny_flux, subject_dir, train={"steps": 2, "checkpoint_every": 2})
     prep = prepare(cfg, torch.device("cpu"), warn=lambda m: None)
-    model = prep.pipe.transformer
+    model = prep.model
     before = weights_hash(model)
     model, targets, info = inject_sb(prep, cfg)
     init = {n: [f.detach().clone() for f in factors_of(model, n)] for n in targets}
     adapters.remove(model, info)
     group = open_group(cfg, resume=False, warn=lambda m: None)
-    summary = train.train_arm(prep, cfg, "lora_sb", group.arm("lora_sb"))
+    summary = arms.train_arm(prep, cfg, "lora_sb", group.arm("lora_sb"))
     assert summary["trainable_params"] == len(targets) * RANK * RANK
     assert weights_hash(model) == before  # after init and 2 training steps
     assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in targets)
@@ -136,11 +141,11 @@ def test_only_r_trains_and_the_base_stays_bit_identical(tmp_path, tiny_flux, sub
 def test_gradient_checkpointing_and_quantized_bases_give_the_estimate(tmp_path, tiny_flux, subject_dir):
     cfg = sb_config(tmp_path, tiny_flux, subject_dir)
     prep = prepare(cfg, torch.device("cpu"), warn=lambda m: None)
-    model = prep.pipe.transformer
-    targets = adapters.find_targets(model, flux.TARGET_PRESETS["attn"])
-    plain = train.sb_gradients(prep, cfg, targets)
+    model = prep.model
+    targets = adapters.find_targets(model, FLUX.target_presets["attn"])
+    plain = sb_gradients(prep, cfg, targets)
     model.enable_gradient_checkpointing()
-    checkpointed = train.sb_gradients(prep, cfg, targets)
+    checkpointed = sb_gradients(prep, cfg, targets)
     model.disable_gradient_checkpointing()
     for name in targets:  # recomputation must not count a layer twice
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-8)
@@ -153,7 +158,7 @@ def test_gradient_checkpointing_and_quantized_bases_give_the_estimate(tmp_path, 
     nf4 = sb_config(tmp_path, tiny_flux, subject_dir, name="nf4",
                     model={"path": str(tiny_flux), "quantize": "nf4", "max_sequence_length": 24})
     prep4 = prepare(nf4, torch.device("cpu"), warn=lambda m: None)
-    before = weights_hash(prep4.pipe.transformer)
+    before = weights_hash(prep4.model)
     model4, targets4, info4 = inject_sb(prep4, nf4)
     for name in targets4:
         A, R, B = factors_of(model4, name)
@@ -191,8 +196,8 @@ def test_export_files_hold_the_same_plain_rank_r_delta(tmp_path, tiny_flux, subj
     assert config["transformer.r"] == RANK and config["transformer.lora_alpha"] == RANK  # s = 1
     assert meta["offset"] is False and meta["export_rank"] == RANK and meta["alpha"] == RANK
     diffusers_state = load_file(str(arm.adapter_file))
-    names = adapters.linear_out_features(flux.load_pipeline(str(tiny_flux)).transformer)
-    back = kohya.from_kohya(load_file(str(export.export_path(arm, "comfyui"))), names)
+    names = adapters.linear_out_features(FLUX.load(str(tiny_flux)).transformer)
+    back = kohya.from_kohya(load_file(str(arm.export_file("comfyui"))), names)
     assert back
     for name, (a, b, s) in back.items():
         a_d = diffusers_state[f"transformer.{name}.lora_A.weight"]
@@ -212,13 +217,13 @@ def test_refusals(tmp_path, tiny_flux, subject_dir):
         run(cfg, warn=lambda m: None)
     assert not (tmp_path / "runs/few/lora/adapter.safetensors").exists()  # refused before any arm trained
     with pytest.raises(adapters.AdapterError, match=r"train.batch_size <= 3"):
-        adapters.check_lora_sb(3, 1, 4, None)
-    model = flux.load_pipeline(str(tiny_flux)).transformer
+        lora_sb.check_data(3, 1, 4, None)
+    model = FLUX.load(str(tiny_flux)).transformer
     with pytest.raises(adapters.AdapterError, match="no gradient pass was given"):
         adapters.inject(model, "lora_sb", RANK, 1.0, adapters.find_targets(model, ["to_q"]))
     assert not any("lora_" in n for n, _ in model.named_parameters())
     with pytest.raises(adapters.AdapterError, match="init_from cannot start a lora_sb arm"):
-        adapters.check_lora_sb(3, 1, 1, "x.safetensors")
+        lora_sb.check_data(3, 1, 1, "x.safetensors")
     big = sb_config(tmp_path, tiny_flux, subject_dir, name="big", adapter={"rank": 40})  # tiny layers: 32 x 32
     error = run(big, warn=lambda m: None)[0]["error"]
     assert "rank must be in [1, min(n, m)] = [1, 32] for lora_sb" in error and "got 40" in error

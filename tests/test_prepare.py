@@ -28,9 +28,9 @@ def test_text_encoders_and_transformer_never_share_the_accelerator(tmp_path, tin
                 overlaps.append(here)
         return original(module, *args, **kwargs)
 
-    from fluxlora.families import flux
+    from fluxlora import modelpath
 
-    load = flux.load_pipeline
+    load = modelpath.load_base
 
     def load_and_name(*a, **k):
         pipe = load(*a, **k)
@@ -38,7 +38,7 @@ def test_text_encoders_and_transformer_never_share_the_accelerator(tmp_path, tin
             names[id(getattr(pipe, key))] = key
         return pipe
 
-    monkeypatch.setattr(flux, "load_pipeline", load_and_name)
+    monkeypatch.setattr(modelpath, "load_base", load_and_name)
     monkeypatch.setattr(torch.nn.Module, "to", recording_to)
     prep = prepare(cfg, torch.device("cpu"), warn=lambda m: None)
     assert names and not overlaps, overlaps

@@ -10,23 +10,27 @@ from fluxlora.toy import base_model_dir, detect
 
 @pytest.fixture(scope="module")
 def toy_pipe():
-    from fluxlora.families import flux
+    from fluxlora import modelpath
+    from fluxlora import modelpath
+    from fluxlora.families.flux import FAMILY as flux
 
-    return flux.load_pipeline("toy")
+    return modelpath.load_base(flux.FAMILY, "toy", "fp32", None, "none")
 
 
 def test_shipped_pipeline_loads_offline_and_generates(toy_pipe):
     from diffusers import FluxPipeline
 
-    from fluxlora.families import flux
+    from fluxlora import modelpath
+    from fluxlora.families.flux import FAMILY as flux
 
     assert (base_model_dir() / "model_index.json").exists()
     assert isinstance(toy_pipe, FluxPipeline)
     prompts = ["a large red circle on a blue background, center",
                "a large yellow square on a black background, top left"]
-    emb = flux.encode_prompts(toy_pipe, prompts, flux.default_max_sequence_length("toy"))
-    neg = flux.encode_prompts(toy_pipe, [""], flux.default_max_sequence_length("toy"))
-    images = flux.generate_many(toy_pipe, *emb, neg, [0, 1], resolution=64, steps=20, guidance=3.5, true_cfg=4.0)
+    max_len = modelpath.max_sequence_length(flux, "toy", None)
+    emb = flux.encode_prompts(toy_pipe, prompts, max_len)
+    neg = flux.encode_prompts(toy_pipe, [""], max_len)
+    images = flux.generate(toy_pipe, emb, neg, [0, 1], resolution=64, steps=20, guidance=3.5, true_cfg=4.0)
     got = [detect.detect(np.asarray(im)) for im in images]
     assert [d.bg for d in got] == ["blue", "black"]
     assert [d.pos for d in got] == ["center", "top left"]

@@ -17,7 +17,7 @@ TINY = dict(vae_steps=2, transformer_steps=4, batch=2, pool=16, seed=0, object_w
 def test_pretrain_writes_a_loadable_pipeline(tmp_path):
     from diffusers import FluxPipeline
 
-    from fluxlora.families import flux
+    from fluxlora.families.flux import FAMILY as flux
 
     out = tmp_path / "base"
     P.pretrain(out, tmp_path / "work", **TINY)
@@ -27,7 +27,7 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
     assert pipe.vae.config.shift_factor != 0.0  # latent statistics written into the VAE config
     emb = flux.encode_prompts(pipe, ["a large red circle on a blue background, center"], 24)
     neg = flux.encode_prompts(pipe, [""], 24)
-    (image,) = flux.generate_many(pipe, *emb, neg, [0], resolution=64, steps=2, guidance=3.5, true_cfg=4.0)
+    (image,) = flux.generate(pipe, emb, neg, [0], resolution=64, steps=2, guidance=3.5, true_cfg=4.0)
     assert np.asarray(image).shape == (64, 64, 3)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from family_helpers import FLUX, flux_predict, generate_one
 from conftest import assert_resume_matches_uninterrupted, tiny_config
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run
@@ -74,21 +75,21 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_flux, subject_dir):
 
 def test_base_weights_untouched_and_step0_equals_base(tmp_path, tiny_flux, subject_dir):
     from fluxlora import adapters
-    from fluxlora.families import flux
+    from fluxlora.families.flux import image_ids
 
-    pipe = flux.load_pipeline(str(tiny_flux))
+    pipe = FLUX.load(str(tiny_flux))
     model = pipe.transformer
     before = weights_hash(model)
     x = torch.randn(1, 16, 16)  # 16 tokens (8x8 latent, 2x2 packed) of 4 x 4 channels
     emb, pooled = torch.randn(1, 24, 64), torch.randn(1, 32)
-    ids = flux.image_ids(8, 8)
+    ids = image_ids(8, 8)
     sig = torch.tensor([0.5])
     with torch.no_grad():
-        base_out = flux.predict(model, x, sig, emb, pooled, ids, 1.0)
-    targets = adapters.find_targets(model, flux.TARGET_PRESETS["attn"])
+        base_out = flux_predict(model, x, sig, emb, pooled, ids, 1.0)
+    targets = adapters.find_targets(model, FLUX.target_presets["attn"])
     info = adapters.inject(model, "lora", 4, 1.0, targets, seed=0)
     with torch.no_grad():
-        out0 = flux.predict(model, x, sig, emb, pooled, ids, 1.0)
+        out0 = flux_predict(model, x, sig, emb, pooled, ids, 1.0)
     torch.testing.assert_close(out0, base_out, rtol=0, atol=1e-6)
     assert weights_hash(model) == before
     assert info.trainable_params == sum(2 * 4 * 32 for _ in targets)  # 32x32 layers: r (m + n)
@@ -97,18 +98,15 @@ def test_base_weights_untouched_and_step0_equals_base(tmp_path, tiny_flux, subje
 
 
 def test_export_reloaded_by_diffusers_reproduces_trained_model(tmp_path, tiny_flux, subject_dir):
-    from fluxlora.families import flux
-
     cfg = tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 3, "lr": 1.0e-2})
     run(cfg, warn=lambda m: None)
     arm = GroupDir(tmp_path / "runs" / "tiny").arm("lora")
     trained = np.asarray(__import__("PIL.Image").Image.open(arm.samples_dir / "step-000003" / "00.png"))
     base = np.asarray(__import__("PIL.Image").Image.open(arm.samples_dir / "step-000000" / "00.png"))
     assert np.abs(trained.astype(int) - base.astype(int)).max() > 0, "training changed nothing"
-    pipe = flux.load_pipeline(str(tiny_flux))
+    pipe = FLUX.load(str(tiny_flux))
     pipe.load_lora_weights(str(arm.adapter_file))
-    embeds, pooled = flux.encode_prompts(pipe, cfg.sample.prompts, 24)
-    img = flux.generate(pipe, embeds, pooled, None, seed=0, resolution=32, steps=2, guidance=3.5, true_cfg=1.0)
+    img = generate_one(FLUX, pipe, cfg.sample.prompts[0], 24)
     diff = np.abs(np.asarray(img).astype(int) - trained.astype(int)).max()
     assert diff <= 1, f"reloaded adapter differs from the trained model by {diff}/255"
 

@@ -43,9 +43,9 @@ def add_file_route(app: FastAPI, runs: Path, prefix: str = "/runs-file") -> None
         target = resolve_inside(runs, relative)
         if target is None:
             raise HTTPException(status_code=404, detail="not a file inside the runs folder")
-        if target.suffix == ".safetensors":
+        if target.suffix == ".safetensors":  # <run>-<arm>.safetensors, <run>-<arm>_comfyui.safetensors, ...
             arm = target.parent.name
-            name = f"{target.parent.parent.name}-{arm}.safetensors"
+            name = f"{target.parent.parent.name}-{arm}{target.name.removeprefix('adapter')}"
             return FileResponse(target, filename=name, media_type="application/octet-stream")
         return FileResponse(target)
 

@@ -1,5 +1,5 @@
 """The web UI's callbacks: each turns component values into component updates using webui.views,
-webui.launch and (for generation only, imported lazily) fluxlora.compare."""
+webui.launch and (for generation only, imported lazily) fluxlora.bench."""
 
 from __future__ import annotations
 
@@ -97,17 +97,17 @@ class Handlers:
         if not files:
             return "no exported adapters yet (they are written when an arm finishes)"
         links = []
-        for arm, path in files:
+        for arm, fmt, path in files:
             rel = path.resolve().relative_to(self.runs.resolve()).as_posix()
             size = path.stat().st_size / 2**20
             links.append(f'<li><a class="adapter-download" href="{FILE_ROUTE}/{quote(rel)}" download>'
-                         f"{html.escape(arm)} — adapter.safetensors ({size:.1f} MB)</a></li>")
+                         f"{html.escape(arm)} — {html.escape(path.name)} ({fmt}, {size:.1f} MB)</a></li>")
         return "<ul>" + "".join(links) + "</ul>"
 
     # --- generate ----------------------------------------------------------------------------------
     def bench(self, name: str):
         """The loaded base model for group ``name`` (loaded on first use, reused after)."""
-        from fluxlora.compare import AdapterBench
+        from fluxlora.bench import AdapterBench
 
         group = views.open_group(self.runs, name)
         if group is None:

@@ -163,6 +163,6 @@ def facts_empty() -> pd.DataFrame:
     return pd.DataFrame([], columns=FACT_COLUMNS)
 
 
-def adapter_files(group: GroupDir) -> list[tuple[str, Path]]:
-    """(arm, exported adapter file) for every arm that has one."""
-    return [(arm.name, arm.adapter_file) for arm in group.arms() if arm.adapter_file.is_file()]
+def adapter_files(group: GroupDir) -> list[tuple[str, str, Path]]:
+    """(arm, format, exported adapter file) of every arm's files, in the format table's order."""
+    return [(arm.name, fmt, path) for arm in group.arms() for fmt, path in arm.export_files()]

@@ -1,6 +1,30 @@
-"""Model families: one module each, the same small set of functions, chosen by ``model.family``."""
+"""Model families, chosen by ``model.family``: the capability table (torch-free, read by the config) and
+the lookup of each family's implementation of the written interface (families/interface.py)."""
 
-from fluxlora.families import flux, sd3
-from fluxlora.families.unet import SD15, SDXL
+from __future__ import annotations
 
-FAMILIES = {"flux": flux, "sd3": sd3, "sdxl": SDXL, "sd15": SD15}
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    objective: str  # "flow": flow matching, velocity target; "ddpm": noise / v target on a beta schedule
+    quantizable: bool  # the denoiser's block Linear layers can be bitsandbytes int8 / nf4
+    impl: str  # "module:attribute" of the object implementing families.interface.Family
+
+
+SPECS = {
+    "flux": FamilySpec("flux", "flow", True, "fluxlora.families.flux:FAMILY"),
+    "sd3": FamilySpec("sd3", "flow", True, "fluxlora.families.sd3:FAMILY"),
+    "sdxl": FamilySpec("sdxl", "ddpm", False, "fluxlora.families.unet:SDXL"),
+    "sd15": FamilySpec("sd15", "ddpm", False, "fluxlora.families.unet:SD15"),
+}
+LOSS_WEIGHTINGS = {"flow": ("none", "sigma_sqrt", "cosmap"), "ddpm": ("none", "min_snr")}
+
+
+def get(name: str):
+    """The family object of ``name`` (imports torch and diffusers)."""
+    module, _, attr = SPECS[name].impl.partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fluxlora.errors import RunError
 from fluxlora.rundir import GroupDir
-from fluxlora.runner import RunError
 
 BASE = "base"
 
@@ -26,20 +26,19 @@ class AdapterBench:
     """The base model of a run group plus its arms' exported adapters, ready to generate."""
 
     def __init__(self, run_dir: Path, device: str | None = None):
-        from fluxlora.families import FAMILIES
-
-        self.group, self.cfg = open_run(run_dir)
-        cfg = self.cfg
-        self.family = FAMILIES[cfg.model.family]
-        self.pipe = self.family.load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.revision,
-                                              cfg.model.quantize)
         import torch
 
+        from fluxlora import families, modelpath
+
+        self.group, self.cfg = open_run(run_dir)
+        m = self.cfg.model
+        self.family = families.get(m.family)
+        self.pipe = modelpath.load_base(self.family, m.path, m.dtype, m.revision, m.quantize)
         # On a GPU machine the denoiser lives there; the text encoders visit only to encode a prompt and
-        # the VAE only to decode (the same placement as training, DESIGN decision 4).
+        # the VAE only to decode (the same placement as training, docs/design.md decision 4).
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.pipe.transformer.to(self.device)
-        self.max_len = cfg.model.max_sequence_length or self.family.default_max_sequence_length(cfg.model.path)
+        self.family.denoiser(self.pipe).to(self.device)
+        self.max_len = modelpath.max_sequence_length(self.family, m.path, m.max_sequence_length)
         self.loaded: dict[str, str] = {}  # arm -> adapter name inside the pipeline
         self._negative = None
 
@@ -64,15 +63,15 @@ class AdapterBench:
         """One image (PIL) of ``prompt`` at ``seed`` with ``arm``'s adapter (None or 'base': no adapter),
         at the run's sampling settings."""
         self._activate(arm)
-        from fluxlora.prepare import on_device
+        from fluxlora.families.pipeline import on_device
 
         s = self.cfg.sample
         with on_device(self.device, *self.family.text_encoders(self.pipe)):
-            embeds, pooled = self.family.encode_prompts(self.pipe, [prompt], self.max_len)
+            cond = self.family.encode_prompts(self.pipe, [prompt], self.max_len)
             if self._negative is None:
                 self._negative = self.family.encode_prompts(self.pipe, [s.negative_prompt], self.max_len)
-        return self.family.generate(self.pipe, embeds, pooled, self._negative, seed,
-                                    s.resolution or self.cfg.data.resolution, steps or s.steps, s.guidance, s.true_cfg)
+        return self.family.generate(self.pipe, cond, self._negative, [seed], s.resolution or self.cfg.data.resolution,
+                                    steps or s.steps, s.guidance, s.true_cfg)[0]
 
     def side_by_side(self, prompt: str, seed: int, steps: int | None = None, with_base: bool = True):
         """[(label, image)] for the base model (optional) and every arm that has an exported adapter."""

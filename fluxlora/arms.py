@@ -1,0 +1,93 @@
+"""One arm's life on the shared prepared base, in order: check, inject (init, or the adapter.init_from
+file, or the checkpoint to resume), train (train.py), export, remove. The runner calls `check_arm` for every
+arm before any trains, then `train_arm` for each; the base is pristine again after each arm."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from fluxlora import adapters, checkpoint, export, lorafile, methods, train
+from fluxlora.config import config_hash
+from fluxlora.errors import TrainingStopped
+from fluxlora.prepare import Prepared
+from fluxlora.rundir import ArmDir
+
+
+def check_arm(prep: Prepared, cfg, method: str):
+    """-> (target module names, the adapter.init_from file or None), refusing what cannot work before any
+    training: a file that does not fit the arm, targets the export formats cannot hold, data the method's
+    init cannot use."""
+    a, model = cfg.adapter, prep.model
+    targets = adapters.find_targets(model, a.target_modules or prep.family.target_presets[a.targets],
+                                    blocks_only=not a.target_modules)
+    export.check_formats(cfg.export.formats, targets)
+    m = methods.get(method)
+    if m.check:
+        m.check_fn()(prep.stats["images"], a.sb_batches, cfg.train.batch_size, a.init_from, cfg.data.repeats)
+    if a.init_from is None:
+        return targets, None
+    out_features = adapters.linear_out_features(model)
+    start_file = lorafile.read(a.init_from, out_features)
+    lorafile.check(start_file, a.rank, targets, m.start == methods.OFFSET, method, list(out_features))
+    return targets, start_file
+
+
+def _inject(prep: Prepared, cfg, method: str, targets: list[str], start_file, resume_from) -> adapters.AdapterInfo:
+    t, a, model = cfg.train, cfg.adapter, prep.model
+    scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
+    inputs = adapters.InitInputs(
+        gradients=functools.partial(train.gradient_pass, prep, t, targets, a.sb_batches, cfg.data.prior_loss_weight),
+        first_lr=t.lr / max(1, t.warmup_steps))  # the LR of the first non-zero update (docs/methods.md 7.5)
+    info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed, niter=a.pissa_niter,
+                           skip_init=resume_from is not None or start_file is not None, inputs=inputs)
+    if start_file is not None and resume_from is None:
+        adapters.load_factors(model, info, start_file.layers, start_file.offset)
+        info.init_from = str(start_file.path)
+    return info
+
+
+def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
+    """Train one arm (``cfg``: its arm config) to ``train.steps`` and export it; returns its summary.
+    Resumes from a checkpoint when asked. The arm's adapters are always removed afterwards."""
+    t, model = cfg.train, prep.model
+    model.to(prep.device)
+    if prep.device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(prep.device)
+    targets, start_file = check_arm(prep, cfg, method)
+    resume_from = checkpoint.find(arm, t.resume)
+    info = _inject(prep, cfg, method, targets, start_file, resume_from)
+    try:
+        if t.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        t_start = train.train_loop(prep, t, cfg.sample, arm, info, resume_from, lr_ratio_b=cfg.adapter.lr_ratio_b,
+                                prior_weight=cfg.data.prior_loss_weight,
+                                resolution=cfg.sample.resolution or cfg.data.resolution)
+        return _finish(prep, cfg, arm, info, t_start)
+    finally:
+        adapters.remove(model, info)
+        if t.gradient_checkpointing:
+            model.disable_gradient_checkpointing()
+
+
+def export_metadata(cfg, info: adapters.AdapterInfo, steps: int) -> dict:
+    d, m = cfg.data, cfg.model
+    return export.metadata(base_model=m.path, revision=m.revision, family=m.family, method=info.method, info=info,
+                           trigger=d.trigger or d.instance_prompt, steps=steps, config_hash=config_hash(cfg))
+
+
+def _finish(prep: Prepared, cfg, arm: ArmDir, info: adapters.AdapterInfo, t_start: float) -> dict:
+    """The main process exports the adapter; every process returns its summary."""
+    if not prep.main:
+        return {"arm": arm.name, "method": info.method, "rank": prep.process_index}
+    steps = cfg.train.steps
+    arm.set_status("running", step=steps, total=steps, method=info.method)
+    try:
+        export.export_arm(prep.model, info, arm, export_metadata(cfg, info, steps), prep.family,
+                          cfg.export.formats, cfg.export.dtype)
+    except OSError as e:
+        raise TrainingStopped(f"could not write {arm.adapter_file}: {e} -> the final checkpoint is kept; "
+                              f"free disk space and run: fluxlora export {arm.root.parent}") from e
+    return train.summarize(arm, info, time.perf_counter() - t_start, prep.device)

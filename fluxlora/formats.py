@@ -1,0 +1,50 @@
+"""The export-format table: each portable adapter file format, its file name, the families it serves, how
+to recognise it and the functions that write and read it. Torch-free (the config, the CLI, the run folder
+and the web UI's download list read it); ``write``/``read`` are "module:function" loaded on use.
+
+- writer: ``fn(path, layers, scale, dtype, meta, out_features, lora_component, pipeline_class)`` with
+  layers {module: (A [r, in], B [out, r])} in fp32 and the delta ``scale * B A``;
+- reader: ``fn(state, metadata, out_features, targets_hint) -> {module: (A, B, s)}``;
+- detect: ``fn(keys) -> bool`` (None: the format read when no other one recognises the file);
+- unmappable: ``fn(targets) -> targets the format cannot hold`` (None: it holds any Linear module).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+ALL = ("flux", "sd3", "sdxl", "sd15")
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    file_name: str
+    families: tuple[str, ...]
+    write: str
+    read: str
+    detect: str | None
+    unmappable: str | None
+    description: str
+
+    def fn(self, what: str):
+        module, _, attr = getattr(self, what).partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def file_for(self, rank: int | None = None) -> str:
+        """The file name, or its re-factorized variant (``fluxlora export --rank``)."""
+        return self.file_name.replace(".safetensors", f"-r{rank}.safetensors") if rank else self.file_name
+
+
+FORMATS = {f.name: f for f in (
+    Format("diffusers", "adapter.safetensors", ALL, "fluxlora.export:write_diffusers", "fluxlora.lorafile:read_peft",
+           None, None, "diffusers/peft keys, LoRA config in the metadata (load_lora_weights)"),
+    Format("comfyui", "adapter_comfyui.safetensors", ("flux",), "fluxlora.export:write_comfyui",
+           "fluxlora.kohya:read", "fluxlora.kohya:is_kohya", "fluxlora.kohya:unmappable",
+           "kohya keys on the BFL modules with an .alpha each (ComfyUI, sd-scripts)"),
+)}
+
+
+def for_family(family: str) -> list[str]:
+    return [f.name for f in FORMATS.values() if family in f.families]

@@ -1,0 +1,78 @@
+"""The init-method table: what each method's init reads and what it produces. Torch-free (the config reads
+the names and capabilities); the trainer and the adapter code dispatch on these fields, never on a method's
+name, so a new method touches only its own module and one row here. Math: docs/methods.md.
+
+- ``needs``: what the init reads. WEIGHTS: the layer's weight only (``fn(W, rank, scale, generator=,
+  niter=) -> inits.InitResult``, one layer at a time). GRADIENTS: the training loss's gradient wrt every
+  target weight over the first ``adapter.sb_batches`` micro-batches, taken on the pristine base before the
+  adapter exists (``fn(model, grads, rank, first_lr, seed) -> per-layer stats``).
+- ``start``: what the init's product B0 A0 is. ZERO: B0 A0 = 0, a plain LoRA, step 0 is the base. OFFSET:
+  B0 A0 != 0, cancelled by a frozen second adapter (docs/methods.md section 0), step 0 is the base, the
+  export carries both halves (rank 2r). WHOLE: the init is part of the trained delta by design (step 0 is
+  not the base), exported as one rank-r LoRA.
+- ``layer``: the adapted layer's kind. LORA: peft's LoRA layer (A, B). CORE: a LoRA-XS layer B R A with
+  frozen A, B and a trainable r x r core R (lora_sb.py).
+- ``fixed_scale``: a method whose scale is part of the method (lora_sb: 1): alpha / scaling do not apply.
+- ``check``: ``fn(images, batches, batch_size, init_from, repeats)`` run before any arm trains.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+WEIGHTS, GRADIENTS = "weights", "gradients"
+ZERO, OFFSET, WHOLE = "zero", "offset", "whole"
+LORA, CORE = "lora", "core"
+LAYER_KINDS = {LORA: "fluxlora.adapters:PeftLayers", CORE: "fluxlora.lora_sb:CoreLayers"}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs: str
+    start: str
+    layer: str
+    impl: str  # "module:function" of the init
+    fixed_scale: float | None = None
+    check: str | None = None  # "module:function" of its data check
+
+    def init_fn(self):
+        return _load(self.impl)
+
+    def check_fn(self):
+        return _load(self.check) if self.check else None
+
+    def layer_kind(self):
+        """The object that attaches, detaches, freezes and exports this kind of layer."""
+        return _load(LAYER_KINDS[self.layer])
+
+
+def _load(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _weight(name: str, start: str) -> Method:
+    return Method(name, WEIGHTS, start, LORA, f"fluxlora.inits:{name}")
+
+
+METHODS = {m.name: m for m in (
+    _weight("lora", ZERO),
+    _weight("lora_gaussian", ZERO),
+    _weight("pissa", OFFSET),
+    _weight("pissa_fast", OFFSET),
+    _weight("loram", OFFSET),
+    _weight("olora", OFFSET),
+    _weight("milora", OFFSET),
+    Method("lora_sb", GRADIENTS, WHOLE, CORE, "fluxlora.lora_sb:initialize", fixed_scale=1.0,
+           check="fluxlora.lora_sb:check_data"),
+)}
+
+
+def get(name: str) -> Method:
+    from fluxlora.errors import AdapterError
+
+    if name not in METHODS:
+        raise AdapterError(f"unknown adapter.init {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

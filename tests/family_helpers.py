@@ -1,0 +1,20 @@
+"""Test helpers for calling a family's interface directly (families/interface.py)."""
+
+from __future__ import annotations
+
+from fluxlora.families.flux import FAMILY as FLUX
+from fluxlora.families.interface import Cond
+
+
+def flux_predict(model, x, sigmas, embeds, pooled, img_ids, guidance: float):
+    """FLUX's velocity prediction from raw tensors (the conditioning a trainer batch would carry)."""
+    return FLUX.predict(model, x, sigmas, Cond({"embeds": embeds, "pooled": pooled},
+                                               {"img_ids": img_ids, "guidance": guidance}))
+
+
+def generate_one(family, pipe, prompt: str, max_len: int, *, seed: int = 0, resolution: int = 32, steps: int = 2,
+                 guidance: float = 3.5, true_cfg: float = 1.0, negative: str | None = None):
+    """One image of ``prompt`` through the family's own pipeline call."""
+    cond = family.encode_prompts(pipe, [prompt], max_len)
+    neg = family.encode_prompts(pipe, [negative], max_len) if negative is not None else None
+    return family.generate(pipe, cond, neg, [seed], resolution, steps, guidance, true_cfg)[0]
