@@ -1,6 +1,6 @@
 # Two commands a fresh machine needs: `make demo` (the main job on the embedded toy model) and
 # `make test`. Both create ./.venv and install pinned dependencies; torch goes first and is then used
-# as a constraint so CPU machines keep the CPU wheel (see ENV_NOTES).
+# as a constraint so CPU machines keep the CPU wheel (see docs/design.md environment fact E1).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0

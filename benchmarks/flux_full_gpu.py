@@ -74,12 +74,15 @@ def inputs(config: dict, resolution: int, device, dtype, seed: int = 0) -> dict:
 
 
 def step(model, batch: dict, opt) -> None:
-    from fluxlora.families import flux
+    from fluxlora.families import flow
+    from fluxlora.families.flux import FAMILY
+    from fluxlora.families.interface import Cond
 
     sig = torch.rand(1, device=batch["x0"].device)
     noise = torch.randn_like(batch["x0"])
-    xt, target = flux.noisy(batch["x0"], noise, sig.to(batch["x0"].dtype))
-    pred = flux.predict(model, xt, sig, batch["embeds"], batch["pooled"], batch["ids"], 3.5)
+    xt, target = flow.noisy(batch["x0"], noise, sig.to(batch["x0"].dtype))
+    cond = Cond({"embeds": batch["embeds"], "pooled": batch["pooled"]}, {"img_ids": batch["ids"], "guidance": 3.5})
+    pred = FAMILY.predict(model, xt, sig, cond)
     loss = ((pred.float() - target.float()) ** 2).mean()
     loss.backward()
     opt.step()

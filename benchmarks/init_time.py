@@ -6,7 +6,7 @@ Run (+ FF shapes):   OMP_NUM_THREADS=1 python benchmarks/init_time.py --wide
 Run (a subset):      OMP_NUM_THREADS=1 python benchmarks/init_time.py --wide --sample 1 --methods lora,pissa_fast,loram,pissa
 
 Shapes: the default target set is diffusers' to_q/to_k/to_v/to_out.0 = 19 double x 4 + 38 single x 3
-= 190 Linear 3072x3072 (METHODS.md 1.5). --wide adds the double blocks' feed-forwards (ff and
+= 190 Linear 3072x3072 (docs/methods.md section 1.5). --wide adds the double blocks' feed-forwards (ff and
 ff_context, 19 x 2 each): 38 weights of 12288x3072 (3072 -> 12288) and 38 of 3072x12288 (back).
 Weights: fp32 N(0, 0.02^2), one buffer per shape refilled in place before every layer (a new random
 matrix per layer, no new allocation; the RNG is outside the timed region). Each method gets one
@@ -38,7 +38,7 @@ FNS = {**INITS, "lora_sb": lambda W, rank, scale, generator=None: lora_sb.factor
 METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb"]
 SLOW = {"pissa", "milora", "olora"}  # full SVD / QR: timed on --sample layers, then extrapolated
 WEIGHT_STD = 0.02  # realistic scale of a FLUX linear weight
-SCALE = 1.0  # s = alpha / r with alpha = r, as in the paper's FLUX run (METHODS.md 1.5)
+SCALE = 1.0  # s = alpha / r with alpha = r, as in the paper's FLUX run (docs/methods.md section 1.5)
 TARGET_FAST, TARGET_FULL = 20.0, 500.0  # loram vs pissa_fast / vs pissa, per-layer speed-up
 
 

@@ -22,27 +22,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bare_step_time(model_path: str, resolution: int, rank: int, steps: int) -> float:
-    from fluxlora import adapters
-    from fluxlora.families import flux
+    from fluxlora import adapters, modelpath
+    from fluxlora.families import flow
+    from fluxlora.families.flux import FAMILY as flux
 
-    pipe = flux.load_pipeline(model_path)
+    pipe = modelpath.load_base(flux, model_path, "fp32", None, "none")
     model = pipe.transformer
-    targets = adapters.find_targets(model, flux.TARGET_PRESETS["attn"])
+    targets = adapters.find_targets(model, flux.target_presets["attn"])
     adapters.inject(model, "lora", rank, 1.0, targets)
     model.train()
     opt = torch.optim.AdamW(adapters.trainable_parameters(model), lr=1e-4)
     c, h, w = flux.latent_shape(pipe, resolution)
     x0 = flux.pack(torch.randn(1, c, h, w))
-    embeds, pooled = flux.encode_prompts(pipe, ["a zxq emblem on a red background, center"],
-                                         flux.default_max_sequence_length(model_path))
-    ids = flux.image_ids(h, w)
+    text = flux.encode_prompts(pipe, ["a zxq emblem on a red background, center"],
+                               modelpath.max_sequence_length(flux, model_path, None))
+    cond = flux.condition(text, (h, w), 1.0)
     times = []
     for _ in range(steps + 5):
         t0 = time.perf_counter()
         sig = torch.rand(1)
         noise = torch.randn_like(x0)
-        xt, target = flux.noisy(x0, noise, sig)
-        pred = flux.predict(model, xt, sig, embeds, pooled, ids, 1.0)
+        xt, target = flow.noisy(x0, noise, sig)
+        pred = flux.predict(model, xt, sig, cond)
         loss = ((pred - target) ** 2).mean()
         loss.backward()
         opt.step()

@@ -9,7 +9,6 @@ background colour >= 90%, object colour >= 80%, shape >= 70%, position >= 70%.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ TARGETS = {"bg": 0.90, "color": 0.80, "shape": 0.70, "pos": 0.70}
 
 
 def main() -> None:
-    from fluxlora.families import flux
+    from fluxlora import modelpath
+    from fluxlora.families.flux import FAMILY as flux
     from fluxlora.toy import detect, world
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,9 +31,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--save-grid", default=None, help="write the first 32 samples as a PNG grid")
     args = ap.parse_args()
-    pipe = flux.load_pipeline(args.model)
+    pipe = modelpath.load_base(flux, args.model, "fp32", None, "none")
     pipe.to(args.device)
-    defaults = json.loads((Path(flux.resolve_path(args.model)) / "fluxlora_toy.json").read_text())["sample"]
+    defaults = modelpath.toy_defaults(args.model)
     pairs = world.heldout(args.n)
     t0 = time.time()
     images = []
@@ -41,8 +41,8 @@ def main() -> None:
     for i in range(0, len(pairs), 50):
         chunk = pairs[i:i + 50]
         emb = flux.encode_prompts(pipe, [p for _, p, _ in chunk], defaults["max_sequence_length"])
-        images += flux.generate_many(pipe, *emb, neg, [s for *_, s in chunk], resolution=64,
-                                     steps=defaults["steps"], guidance=3.5, true_cfg=defaults["true_cfg"])
+        images += flux.generate(pipe, emb, neg, [s for *_, s in chunk], resolution=64,
+                                steps=defaults["steps"], guidance=3.5, true_cfg=defaults["true_cfg"])
     import numpy as np
 
     arrays = [np.asarray(im) for im in images]

@@ -6,7 +6,7 @@ layer here, or lora_sb's core layer), what its init reads (the weights, or the l
 pass) and what its init produces. A method with a non-zero initial product B0 A0 (start OFFSET) gets a
 second, frozen adapter "offset" holding (A0, -B0), so every adapted layer computes W x + s (B A - B0 A0) x
 and the step-0 output equals the base output; the export concatenates the two: A' = [A; A0], B' = [B, -B0]
-(rank 2r, same scale), an exact delta against the pristine base (docs/methods.md section 0).
+(rank 2r, same scale), an exact delta against the pristine base (docs/methods.md section 6).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fluxlora import inits, methods
+from fluxlora import methods
 from fluxlora.errors import AdapterError, InitError
 
 SUBJECT, OFFSET = "subject", "offset"
@@ -41,7 +41,7 @@ class AdapterInfo:
 
 def scale_for(rank: int, alpha: float, scaling: str, coefficient: float) -> float:
     """The adapter multiplier s: alpha/r (standard), alpha/sqrt(r) (rsLoRA, arXiv 2312.03732) or
-    C/sqrt(r) (the LoRA-alpha square-root law, METHODS.md section 4)."""
+    C/sqrt(r) (the LoRA-alpha square-root law, docs/methods.md section 4)."""
     if scaling == "standard":
         return alpha / rank
     if scaling == "rslora":

@@ -141,7 +141,7 @@ def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, ou
     for name, (a, b) in _cast(layers, dtype).items():
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
     config = adapters.lora_config(rank, scale, list(layers), 0.0).to_dict()
-    config["init_lora_weights"] = True  # loaders must never re-run an init (docs/design.md, environment)
+    config["init_lora_weights"] = True  # loaders must never re-run an init (docs/design.md environment fact E2)
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         pipeline_cls.save_lora_weights(tmp, weight_name="a.safetensors",

@@ -4,7 +4,7 @@ The trainer never mutates base weights. An adapted layer computes
     y = W x + s * (B A - B0 A0) x
 with (A0, B0) kept as a frozen second low-rank path and training starting from A = A0, B = B0,
 so the step-0 output equals the base output for every method. Shapes follow peft
-(/work/shared/METHODS.md section 0): layer nn.Linear(in=m, out=n), W is (n, m), A0 is (r, m),
+(docs/methods.md section 0): layer nn.Linear(in=m, out=n), W is (n, m), A0 is (r, m),
 B0 is (n, r), s is the adapter scale (alpha / r, alpha / sqrt(r), ...).
 
 Every method has the signature
@@ -29,7 +29,7 @@ from fluxlora.errors import InitError  # noqa: F401  (raised here, part of this 
 #   3072x12288: q=8 1.70 s, q=11 5.70 s, q=12 0.50 s, q=16 0.39 s, q=24 0.56 s, q=32 0.58 s
 # The cause is MKL's sgemm for a transposed operand times a narrow (< 12 column) matrix:
 # W^T @ Q (3072x3072 by 3072xq) takes 82 ms at q=8 and 203 ms at q=10 but 10 ms at q=16.
-# svd_lowrank does 2*niter of those products, so q=16 beats q=8 (what ENV_NOTES observed).
+# svd_lowrank does 2*niter of those products, so q=16 beats q=8 (docs/design.md environment fact E3).
 _OVERSAMPLE = 8
 _MIN_Q = 16
 
@@ -92,7 +92,7 @@ def _zero_like_b(W: Tensor, rank: int) -> Tensor:
 
 
 def _spectral(W: Tensor, U_r: Tensor, S_r: Tensor, Vh_r: Tensor, scale: float, total: float) -> InitResult:
-    """peft's pissa_init factor formula (METHODS.md 2.1 step 3): S_r / s, then split sqrt(S_r / s)
+    """peft's pissa_init factor formula (docs/methods.md section 2.1 step 3): S_r / s, then split sqrt(S_r / s)
     evenly, A0 = diag(sqrt(S_r/s)) Vh_r, B0 = U_r diag(sqrt(S_r/s)), so s B0 A0 = U_r diag(S_r) Vh_r."""
     root = torch.sqrt(S_r / scale)
     A0 = root[:, None] * Vh_r  # (r, m), a new tensor: the full Vh can be freed
@@ -186,7 +186,7 @@ def pissa_fast(W: Tensor, rank: int, scale: float, *, generator: torch.Generator
                         "(peft's pissa_niter_4)")
     total = _frob_sq("pissa_fast", W)
     n, m = W.shape
-    # Decompose the tall orientation (ENV_NOTES: wide ~3x slower). torch 2.13's svd_lowrank already
+    # Decompose the tall orientation (docs/design.md environment fact E3: wide ~3x slower). torch 2.13's svd_lowrank already
     # transposes wide inputs itself (measured: equal times), so this view only pins it across versions.
     wide = n < m
     U, S, V = _svd_lowrank(W.T if wide else W, lowrank_q(rank, n, m), niter, generator)
@@ -198,7 +198,7 @@ def pissa_fast(W: Tensor, rank: int, scale: float, *, generator: torch.Generator
 def olora(W: Tensor, rank: int, scale: float, *, generator: torch.Generator | None = None,
           niter: int = 4) -> InitResult:
     """OLoRA (arXiv 2406.01775) as peft's init_lora_weights="olora": Q, R = qr(W), B0 = Q[:, :r],
-    A0 = R[:r, :], no division by s (METHODS.md section 5)."""
+    A0 = R[:r, :], no division by s (docs/methods.md section 5.3)."""
     _check("olora", W, rank, scale)
     total = _frob_sq("olora", W)
     Q, R = torch.linalg.qr(W)
@@ -212,7 +212,7 @@ def olora(W: Tensor, rank: int, scale: float, *, generator: torch.Generator | No
 
 def dst_basis(size: int, k: int, device: torch.device | str | None = None) -> Tensor:
     """First k DST-I basis vectors of length `size`, as the rows of a (k, size) fp32 tensor:
-    Phi_M[i, j] = sqrt(2/(M+1)) sin((i+1)(j+1) pi / (M+1))  [LoRAM Eq. (12), sqrt per METHODS.md 1.2].
+    Phi_M[i, j] = sqrt(2/(M+1)) sin((i+1)(j+1) pi / (M+1))  [LoRAM Eq. (12), sqrt per docs/methods.md section 1.2 step 1].
     Phi_M is symmetric and orthogonal, so rows and columns are the same vectors; only k rows are built."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InitError(f"dst_basis size must be an integer >= 1 (got {size!r}) -> fix: pass a layer dim")
@@ -228,7 +228,7 @@ def dst_basis(size: int, k: int, device: torch.device | str | None = None) -> Te
 
 
 def _product_var(B: Tensor, A: Tensor) -> float:
-    """Unbiased torch.var of all n*m entries of B A without building it (METHODS.md 1.6):
+    """Unbiased torch.var of all n*m entries of B A without building it (docs/methods.md section 1.6):
     sum of squares = tr((B^T B)(A A^T)), sum = (1^T B)(A 1), var = (sumsq - N mean^2) / (N - 1)."""
     N = B.shape[0] * A.shape[1]
     sumsq = float(((B.T @ B) * (A @ A.T)).sum())
@@ -258,7 +258,7 @@ def loram_gain(rank: int, n: int, m: int) -> float:
 
 def loram(W: Tensor, rank: int, scale: float, *, generator: torch.Generator | None = None,
           niter: int = 4) -> InitResult:
-    """LoRAM (METHODS.md 1.2, authors' layer.py): A0 = beta Phi_m[:r, :], B0 = beta Phi_n[:, :r] with
+    """LoRAM (docs/methods.md section 1.2, authors' layer.py): A0 = beta Phi_m[:r, :], B0 = beta Phi_n[:, :r] with
     beta = (Q var(W) / var(B_hat A_hat))^(1/4), var unbiased over all entries as the reference's
     torch.var (computed by weight_moments / _product_var); beta ignores s."""
     _check("loram", W, rank, scale)

@@ -1,15 +1,15 @@
-"""LoRA-SB (Singhal et al., arXiv 2411.19557; /work/shared/METHODS.md section 3): a LoRA-XS layer
+"""LoRA-SB (Singhal et al., arXiv 2411.19557; docs/methods.md section 3): a LoRA-XS layer
     y = W x + s B R A x,    B (n, r) and A (r, m) frozen with orthonormal columns / rows,
                             R (r, r) the only trainable tensor, s = 1,
-initialized from the approximated first full-fine-tuning AdamW step (METHODS.md 3.2):
+initialized from the approximated first full-fine-tuning AdamW step (docs/methods.md section 3.2):
   1. G = sum over adapter.sb_batches micro-batches of dL/dW for every target weight W (the trainer's loss);
   2. dW1 = -eta1 sign(G): Adam's bias-corrected first step eta g / (|g| + eps) ~ eta sign(g) (paper Eq. (6)),
-     eta1 = the LR of the first non-zero update (peak LR / warm-up steps, METHODS.md section 7 item 5);
+     eta1 = the LR of the first non-zero update (peak LR / warm-up steps, docs/methods.md section 7 item 5);
   3. truncated SVD dW1 ~ U_r S_r V_r^T;  4. B = U_r, A = V_r^T, R = diag(S_r), so s B R A = trunc_r(dW1)
-     (Eckart-Young optimal; paper section 3.6, METHODS.md 3.2 step 4).
-W is not offset (METHODS.md 3.2 step 5): the step-0 model is W + trunc_r(dW1), by design, and the
-whole delta B R A exports as a plain rank-r LoRA (A, B R) on the pristine base (METHODS.md 3.3). Base
-weights are never touched: the layer is wrapped, not rewritten (DESIGN decision 1).
+     (Eckart-Young optimal; paper section 3.6, docs/methods.md section 3.2 step 4).
+W is not offset (docs/methods.md section 3.2 step 5): the step-0 model is W + trunc_r(dW1), by design, and the
+whole delta B R A exports as a plain rank-r LoRA (A, B R) on the pristine base (docs/methods.md section 3.3). Base
+weights are never touched: the layer is wrapped, not rewritten (docs/design.md decision 1).
 
 peft's LoRA layer has no r x r core, so a target nn.Linear (or bitsandbytes Linear8bitLt / Linear4bit)
 is wrapped in `SBLinear`, whose parameter names follow peft's (``base_layer``, ``lora_A.subject``,
@@ -181,6 +181,6 @@ def initialize(model: nn.Module, grads: dict[str, Tensor], rank: int, scale: flo
 
 
 def export_factors(layer: SBLinear) -> tuple[Tensor, Tensor]:
-    """(A, B R) in fp32: the plain rank-r LoRA with the same delta (METHODS.md 3.3)."""
+    """(A, B R) in fp32: the plain rank-r LoRA with the same delta (docs/methods.md section 3.3)."""
     a, r, b = (f[NAME].weight.detach().float() for f in (layer.lora_A, layer.lora_R, layer.lora_B))
     return a, b @ r

@@ -7,7 +7,7 @@ name, so a new method touches only its own module and one row here. Math: docs/m
   target weight over the first ``adapter.sb_batches`` micro-batches, taken on the pristine base before the
   adapter exists (``fn(model, grads, rank, first_lr, seed) -> per-layer stats``).
 - ``start``: what the init's product B0 A0 is. ZERO: B0 A0 = 0, a plain LoRA, step 0 is the base. OFFSET:
-  B0 A0 != 0, cancelled by a frozen second adapter (docs/methods.md section 0), step 0 is the base, the
+  B0 A0 != 0, cancelled by a frozen second adapter (docs/methods.md section 6), step 0 is the base, the
   export carries both halves (rank 2r). WHOLE: the init is part of the trained delta by design (step 0 is
   not the base), exported as one rank-r LoRA.
 - ``layer``: the adapted layer's kind. LORA: peft's LoRA layer (A, B). CORE: a LoRA-XS layer B R A with

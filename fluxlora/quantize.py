@@ -1,7 +1,7 @@
 """8-bit / 4-bit base weights with bitsandbytes, by swapping the transformer blocks' nn.Linear layers.
 
 diffusers' BitsAndBytesConfig loader refuses to run without a GPU, so the layers are swapped by hand
-(works on CPU and CUDA alike; DESIGN decision 3). The quantized weights are frozen; LoRA trains on top.
+(works on CPU and CUDA alike; docs/design.md decision 3). The quantized weights are frozen; LoRA trains on top.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from family_helpers import FLUX, flux_predict, generate_one
+from family_helpers import FLUX, generate_one
 from conftest import assert_resume_matches_uninterrupted, tiny_config
 from fluxlora import families
 from fluxlora.rundir import GroupDir

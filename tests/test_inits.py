@@ -107,7 +107,7 @@ def test_loram_is_deterministic():
 
 @pytest.mark.parametrize("n,m", SHAPES)
 def test_loram_product_energy_is_q_times_weight_energy(n, m):
-    # METHODS.md 1.2 step 5: ||B0 A0||_F^2 = beta^4 r ~ Q ||W||_F^2 for zero-mean W. The reference's
+    # docs/methods.md section 1.2 step 5: ||B0 A0||_F^2 = beta^4 r ~ Q ||W||_F^2 for zero-mean W. The reference's
     # var form (mean-subtracted) adds nu[B_hat A_hat] / var[B_hat A_hat] = 1.13 at r=8 (1.18 at r=6,
     # 1.27 at r=4; nearly size-independent, 1.127 at 3072x3072), hence r=8 and 15%.
     W, r = rand_w(n, m, seed=1), 8

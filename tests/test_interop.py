@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from family_helpers import FLUX, flux_predict, generate_one
+from family_helpers import FLUX
 from conftest import tiny_config
 from fluxlora import adapters, commands, export, kohya, lorafile
 from fluxlora.config import dump_config
-from fluxlora.families.flux import image_ids
 from fluxlora.formats import FORMATS
 from fluxlora.rundir import GroupDir
 from fluxlora.runner import run

@@ -1,4 +1,4 @@
-"""LoRA-SB (lora_sb.py, METHODS.md section 3) on the tiny FLUX: frozen orthonormal A, B from the truncated SVD
+"""LoRA-SB (lora_sb.py, docs/methods.md section 3) on the tiny FLUX: frozen orthonormal A, B from the truncated SVD
 of the approximated first AdamW step, only R trains, the base is never touched, exact resume, refusals."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from family_helpers import FLUX, flux_predict, generate_one
+from family_helpers import FLUX
 from conftest import assert_resume_matches_uninterrupted, tiny_config
 from fluxlora import adapters, arms, inits, lora_sb, train
 from fluxlora.prepare import prepare

@@ -1,4 +1,4 @@
-"""Preparation keeps the big pieces of a pipeline apart on the accelerator (DESIGN decision 4)."""
+"""Preparation keeps the big pieces of a pipeline apart on the accelerator (docs/design.md decision 4)."""
 
 from __future__ import annotations
 

@@ -11,10 +11,9 @@ from fluxlora.toy import base_model_dir, detect
 @pytest.fixture(scope="module")
 def toy_pipe():
     from fluxlora import modelpath
-    from fluxlora import modelpath
     from fluxlora.families.flux import FAMILY as flux
 
-    return modelpath.load_base(flux.FAMILY, "toy", "fp32", None, "none")
+    return modelpath.load_base(flux, "toy", "fp32", None, "none")
 
 
 def test_shipped_pipeline_loads_offline_and_generates(toy_pipe):
