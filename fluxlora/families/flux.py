@@ -11,7 +11,7 @@ import torch
 
 from fluxlora.families import flow
 from fluxlora.families.interface import Cond
-from fluxlora.families.pipeline import call_pipeline, encode_images, initial_noise, open_pipeline, vae_factor
+from fluxlora.families.pipeline import call_pipeline, encode_images, initial_noise, open_quantized, vae_factor
 
 TARGET_PRESETS = {
     # FLUX.1-dev: 19 double blocks x 4 + 38 single blocks x 3 = 190 Linear 3072x3072 layers.
@@ -55,13 +55,8 @@ class Flux:
         return FluxPipeline
 
     def load(self, path: str, dtype: str = "fp32", revision: str | None = None, quantize: str = "none"):
-        """FluxPipeline from a local directory or a hub id, the transformer quantized if asked."""
-        from fluxlora.quantize import quantize_transformer
-        from fluxlora.families.pipeline import DTYPES
-
-        pipe = open_pipeline(self.pipeline_class(), path, dtype, revision, "FLUX")
-        quantize_transformer(pipe.transformer, quantize, DTYPES[dtype])
-        return pipe
+        """The pipeline from a local directory or a hub id, the transformer quantized if asked."""
+        return open_quantized(self.pipeline_class(), path, dtype, revision, "FLUX", quantize)
 
     def bind(self, pipe) -> "Flux":
         return self  # nothing of the pipeline enters the training math

@@ -29,6 +29,16 @@ def open_pipeline(pipeline_cls, path: str, dtype: str, revision: str | None, lab
     return pipe
 
 
+def open_quantized(pipeline_cls, path: str, dtype: str, revision: str | None, label: str, quantize: str):
+    """open_pipeline, then the transformer's block Linear layers swapped for bitsandbytes ones if asked
+    (docs/design.md decision 3)."""
+    from fluxlora.quantize import quantize_transformer
+
+    pipe = open_pipeline(pipeline_cls, path, dtype, revision, label)
+    quantize_transformer(pipe.transformer, quantize, DTYPES[dtype])
+    return pipe
+
+
 def vae_factor(pipe) -> int:
     """Pixels per latent cell of the pipeline's VAE."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -12,7 +12,7 @@ import torch
 
 from fluxlora.families import flow
 from fluxlora.families.interface import Cond
-from fluxlora.families.pipeline import DTYPES, call_pipeline, encode_images, initial_noise, open_pipeline, vae_factor
+from fluxlora.families.pipeline import call_pipeline, encode_images, initial_noise, open_quantized, vae_factor
 
 TARGET_PRESETS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -38,12 +38,8 @@ class SD3:
         return StableDiffusion3Pipeline
 
     def load(self, path: str, dtype: str = "fp32", revision: str | None = None, quantize: str = "none"):
-        """StableDiffusion3Pipeline from a local directory or a hub id, transformer quantized if asked."""
-        from fluxlora.quantize import quantize_transformer
-
-        pipe = open_pipeline(self.pipeline_class(), path, dtype, revision, "SD3")
-        quantize_transformer(pipe.transformer, quantize, DTYPES[dtype])
-        return pipe
+        """The pipeline from a local directory or a hub id, the transformer quantized if asked."""
+        return open_quantized(self.pipeline_class(), path, dtype, revision, "SD3", quantize)
 
     def bind(self, pipe) -> "SD3":
         return self
