@@ -42,7 +42,8 @@ def test_views_of_a_finished_group(finished_group):
     facts = views.facts_table(group)
     assert list(facts["method"]) == ["lora", "loram"] and list(facts["rank"]) == [4, 4]
     assert all(f != "-" for f in facts["peak MB"])
-    assert [a for a, _ in views.adapter_files(group)] == ["lora", "loram"]
+    assert [(a, f) for a, f, _ in views.adapter_files(group)] == [  # every format's file, from the format table
+        ("lora", "diffusers"), ("lora", "comfyui"), ("loram", "diffusers"), ("loram", "comfyui")]
     assert views.open_group(runs, "../tiny") is None and views.open_group(runs, "tiny").root == group.root
 
 
