@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fluxlora.errors import USER_ERRORS
 from fluxlora.formats import FORMATS
+from fluxlora.signals import Preempted, install_stop_handlers
 
 EPILOG = """examples:
   fluxlora train train_configs/toy_subject.yaml
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM / SIGUSR1 during training (signals.py)
+        print(f"stopped by {e.name}: a checkpoint was saved; continue with --resume", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         if args.command == "toy":
             print("interrupted: run the same command again to resume from the last save", file=sys.stderr)
@@ -110,6 +114,7 @@ def dispatch(args) -> int:
     from fluxlora import commands
 
     if args.command == "train":
+        install_stop_handlers()
         return commands.train(args.config, args.overrides, args.resume, args.arms_parallel, args.worker_arms)
     if args.command == "export":
         return commands.export(Path(args.run_dir), args.arm, commands.parse_formats(args.format), args.dtype,

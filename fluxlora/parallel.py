@@ -16,6 +16,7 @@ import sys
 
 from fluxlora import preflight
 from fluxlora.rundir import GroupDir
+from fluxlora.signals import Preempted
 
 
 def plan(arms: list[str], slots: int) -> list[list[str]]:
@@ -82,14 +83,16 @@ def worker_cmd(config: str, overrides: list[str], resume: bool, share: list[str]
 
 
 def wait_all(procs: list[subprocess.Popen]) -> None:
-    """Wait for every worker; on Ctrl-C pass it on (each saves a checkpoint) and wait for them to stop."""
+    """Wait for every worker; on Ctrl-C (or SIGTERM / SIGUSR1) pass the signal on (each worker saves a
+    checkpoint) and wait for them to stop."""
     try:
         for p in procs:
             p.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        sig = e.signum if isinstance(e, Preempted) else signal.SIGINT
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(sig)
         for p in procs:
             p.wait()
         raise

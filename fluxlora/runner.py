@@ -14,6 +14,7 @@ from fluxlora.distributed import make_accelerator, on_main
 from fluxlora.errors import AdapterError, CheckpointError, RunError, TrainingStopped
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
+from fluxlora.signals import Preempted
 
 
 
@@ -171,9 +172,10 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, 
             warn(f"arm {method} failed: {e}")
             results.append({"arm": method, "method": method, "error": str(e)})
             continue
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if prep.main:
-                arm.set_status("interrupted", error="interrupted by the user; resume with --resume")
+                why = f"stopped by {e.name}" if isinstance(e, Preempted) else "interrupted by the user"
+                arm.set_status("interrupted", error=f"{why}; resume with --resume")
                 group.write_info(status="interrupted")
             raise
         if prep.main:

@@ -4,18 +4,15 @@ whole run config."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, checkpoint, distributed, gradients, sampling
+from fluxlora import adapters, checkpoint, distributed, gradients, sampling, signals
 from fluxlora.errors import CheckpointError, TrainingStopped
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
@@ -231,7 +228,7 @@ def train_loop(prep: Prepared, t, s, arm: ArmDir, info: adapters.AdapterInfo, re
                 continue
             bad = 0
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-            with interrupts_deferred():  # the update and the step count change together
+            with signals.deferred():  # the update and the step count change together
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -249,8 +246,8 @@ def train_loop(prep: Prepared, t, s, arm: ArmDir, info: adapters.AdapterInfo, re
                 arm.set_status("running", step=done, total=t.steps, method=method)
                 last_status = time.monotonic()
     except KeyboardInterrupt:
-        # First Ctrl-C: keep the work done so far (a second one during the save aborts it). A step cut
-        # short (no update applied) is redone on resume, so its random draws are rewound.
+        # First Ctrl-C, SIGTERM or SIGUSR1 (signals.py): keep the work done so far (a second signal during the
+        # save aborts it). A step cut short (no update applied) is redone on resume, so its draws are rewound.
         if done <= step:
             gen.set_state(gen_state)
         optimizer.zero_grad(set_to_none=True)
@@ -261,23 +258,6 @@ def train_loop(prep: Prepared, t, s, arm: ArmDir, info: adapters.AdapterInfo, re
         log.close()
     return t_start
 
-
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """A Ctrl-C (SIGINT) arriving inside the block is raised when the block ends, so an optimizer update
-    is never saved under the previous step's number (resume would apply it twice)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if pending:
-            raise KeyboardInterrupt
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:

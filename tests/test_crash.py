@@ -148,27 +148,39 @@ def assert_same_adapter(a_file: Path, b_file: Path) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_sigint_saves_a_checkpoint_exits_130_and_resume_matches(tmp_path, tiny_flux, subject_dir):
-    # checkpoint_every=0: the only checkpoint before the end is the one Ctrl-C writes.
+@pytest.mark.parametrize("sig, code, said", [
+    (signal.SIGINT, 130, "interrupted: a checkpoint was saved; continue with --resume"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM: a checkpoint was saved; continue with --resume"),
+    (signal.SIGUSR1, 138, "stopped by SIGUSR1: a checkpoint was saved; continue with --resume"),
+])
+def test_stop_signal_saves_a_checkpoint_and_resume_matches(tmp_path, tiny_flux, subject_dir, sig, code, said):
+    """Ctrl-C, and the signals schedulers send before a kill (docker stop / systemd / spot preemption: SIGTERM;
+    SLURM's warning: SIGUSR1), each mid-step: the completed steps are checkpointed, resume is exact.
+    checkpoint_every=0: the only checkpoint before the end is the one the signal writes. The child gets the
+    default SIGINT disposition whatever this test process inherited (a background shell ignores SIGINT)."""
+    from fluxlora.signals import child_default_sigint
+
     ref = write_config(tmp_path, tiny_flux, subject_dir, "ref", steps=6, checkpoint_every=0)
     subprocess.run(train_cmd(ref, False), check=True, env=ENV, cwd=ROOT, capture_output=True)
     cut = write_config(tmp_path, tiny_flux, subject_dir, "cut", steps=6, checkpoint_every=0)
     marker, group = tmp_path / "in-step-4", GroupDir(tmp_path / "runs" / "cut")
     proc = subprocess.Popen([sys.executable, "-c", HOOKED_TRAIN, str(marker), "3", "train", str(cut)], env=ENV,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=child_default_sigint)
     t0 = time.monotonic()
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() - t0 < 120, "step 4 not reached"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted: a checkpoint was saved; continue with --resume" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert said in err and "Traceback" not in err
     arm = group.arm("loram")
     assert [p.name for p in arm.checkpoints()] == ["step-000003"]  # steps 1-3 done, step 4 cut short
     assert not [p for p in arm.checkpoints_dir.iterdir() if p.name.startswith(".tmp")]
     assert arm.status()["status"] == "interrupted" and group.info()["status"] == "interrupted"
+    assert (signal.Signals(sig).name in arm.status()["error"]) == (sig != signal.SIGINT)
     assert not arm.adapter_file.exists() and not (group.root / ".lock").exists()
     assert_consistent(group)
     done = subprocess.run(train_cmd(cut, True), env=ENV, cwd=ROOT, capture_output=True, text=True)
@@ -204,8 +216,12 @@ def test_ctrl_c_right_after_an_update_resumes_exactly(tmp_path, tiny_flux, subje
 
     monkeypatch.setattr(T, "make_optimizer", make_optimizer)
     cut = tiny_config(tmp_path, tiny_flux, subject_dir, name="cut", train={"steps": 4})
-    with pytest.raises(KeyboardInterrupt):
-        run(cut, warn=lambda m: None)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # not ignored, however pytest started
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cut, warn=lambda m: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(T, "make_optimizer", real)
     run(cut, resume=True, warn=lambda m: None)
     assert_same_adapter(tmp_path / "runs/full/lora/adapter.safetensors", tmp_path / "runs/cut/lora/adapter.safetensors")

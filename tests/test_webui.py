@@ -117,7 +117,7 @@ def test_launch_form_problems_are_all_reported_and_nothing_is_left(tmp_path):
 
 
 def test_launch_then_cancel_keeps_a_resumable_checkpoint(tmp_path, tiny_flux):
-    """The subprocess is interrupted like Ctrl-C: exit 130, arm 'interrupted', a checkpoint to resume."""
+    """The subprocess is stopped by SIGTERM like Ctrl-C: exit 143, arm 'interrupted', a checkpoint to resume."""
     from webui.launch import Jobs, LaunchForm, stage
 
     runs = tmp_path / "runs"
@@ -133,7 +133,7 @@ def test_launch_then_cancel_keeps_a_resumable_checkpoint(tmp_path, tiny_flux):
         time.sleep(0.5)
     assert jobs.running("sub"), jobs.log_tail("sub")
     message = jobs.cancel("sub", grace=120)
-    assert "stopped (exit 130)" in message and "--resume" in message, message
+    assert "stopped (exit 143)" in message and "--resume" in message, message
     assert arm.status()["status"] == "interrupted"
     assert arm.checkpoints(), "no checkpoint written on cancel"
 

@@ -148,11 +148,12 @@ class Jobs:
         return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
 
     def cancel(self, name: str, grace: float = 60.0) -> str:
-        """Interrupt like Ctrl-C (the trainer saves a checkpoint and exits); kill after ``grace`` s."""
+        """Stop it with SIGTERM, which the trainer treats like Ctrl-C (it saves a checkpoint and exits 143;
+        unlike SIGINT it is never ignored by a server started in the background); kill after ``grace`` s."""
         proc = self.procs.get(name)
         if proc is None or proc.poll() is not None:
             return f"{name} is not running"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
