@@ -63,7 +63,9 @@ class DataConfig(Section):
     resolution: int = Field(512, ge=16, le=4096, multiple_of=16, description="training side in px")
     center_crop: bool = Field(True, description="centre crop (else random crop)")
     random_flip: bool = Field(False, description="also train on mirrored images")
-    repeats: int = Field(1, ge=1, description="repeat the subject images per epoch")
+    repeats: int = Field(1, ge=1, description="each image appears this many times per epoch (shuffled together)")
+    recursive: bool = Field(False, description="also use the images in sub-folders of instance_dir (captions "
+                            "beside each image)")
     class_dir: str | None = Field(None, description="prior-preservation class images")
     class_prompt: str | None = Field(None, description="caption of the class images")
     num_class_images: int = Field(0, ge=0, description="generate class images up to this many")

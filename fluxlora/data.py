@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from fluxlora.datafiles import CAPTION_EXT, EXT_FORMATS, IMAGE_EXTS, list_folder, same_format  # noqa: F401 (API)
 from fluxlora.errors import DataError
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CAPTION_EXT = ".txt"
+
 # Refuse images above this many pixels before decoding them (64 MPix of RGB is ~200 MB decoded). Lower
 # than PIL's own default limit so it is the guard that fires; the global Image.MAX_IMAGE_PIXELS is untouched.
 MAX_PIXELS = 64 * 1024 * 1024
@@ -65,25 +65,6 @@ def _check_folder(folder: str | Path) -> Path:
     return root
 
 
-def _list_entries(root: Path) -> tuple[list[Path], dict[str, Path], list[str]]:
-    """Image paths (sorted by name), captions by stem, and one warning per caption without an image."""
-    try:
-        # Dot files are skipped: macOS copies leave "._photo.jpg" AppleDouble stubs that are not images.
-        entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
-    except OSError as exc:
-        raise DataError(f"cannot list data folder {root}: {_describe_os_error(exc)}") from exc
-    images = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
-    captions: dict[str, Path] = {}
-    for p in entries:
-        # An exact ".txt" wins over "FOO.TXT" when a case-sensitive file system holds both.
-        if p.suffix.lower() == CAPTION_EXT and (p.stem not in captions or p.suffix == CAPTION_EXT):
-            captions[p.stem] = p
-    image_stems = {p.stem for p in images}
-    orphans = [f"{p}: caption without image, ignored" for s, p in sorted(captions.items())
-               if s not in image_stems]
-    return images, captions, orphans
-
-
 # --------------------------------------------------------------------------------------------- images
 
 
@@ -103,8 +84,6 @@ def _check_regular_file(path: Path) -> None:
         st = path.stat()  # follows symlinks, so loops and dangling links fail here
     except OSError as exc:
         raise _Skip(_describe_os_error(exc)) from exc
-    if stat.S_ISDIR(st.st_mode):
-        raise _Skip("is a directory, not an image file (sub-folders are not scanned)")
     if not stat.S_ISREG(st.st_mode):
         raise _Skip("not a regular file (device, FIFO or socket)")
     if st.st_size == 0:
@@ -169,6 +148,9 @@ def _decode(path: Path, min_size: int, notes: list[str]) -> Image.Image:
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 notes.append(f"animated ({frames} frames), using the first frame only")
+            if path.suffix.lower() in EXT_FORMATS and not same_format(img.format, path.suffix):
+                notes.append(f"content is {img.format}, extension {path.suffix} says "
+                             f"{EXT_FORMATS[path.suffix.lower()]}; used")
             img.load()  # force the full decode so truncation shows up now, not mid-training
             rgb, note = _to_rgb(_upright(img, notes))
             if note:
@@ -195,25 +177,40 @@ def _load_image(path: Path, min_size: int) -> tuple[Image.Image, list[str]]:
         raise _Skip(f"corrupt image ({type(exc).__name__}: {exc}) -> fix: re-copy or re-export it") from exc
 
 
-def _load_all(paths: list[Path], min_size: int) -> tuple[list[tuple[Path, Image.Image]], list[str]]:
-    """Decode every image; skip unusable ones and exact pixel duplicates (the first by name is kept)."""
-    loaded: list[tuple[Path, Image.Image]] = []
-    lines: list[str] = []
-    seen: dict[str, Path] = {}
+def _load_all(paths: list[Path], min_size: int, notes: dict[Path, str]):
+    """Decode every image: ([(path, image, pixel digest)], warning lines, skipped paths)."""
+    loaded, lines, skipped = [], [], []
     for path in paths:
         try:
-            img, notes = _load_image(path, min_size)
+            img, found = _load_image(path, min_size)
         except _Skip as skip:
             lines.append(f"{path}: skipped: {skip}")
+            skipped.append(path)
             continue
-        lines.extend(f"{path}: {note}" for note in notes)
-        digest = hashlib.sha256(repr(img.size).encode() + img.tobytes()).hexdigest()
-        if digest in seen:
-            lines.append(f"{path}: skipped: exact duplicate of {seen[digest].name}")
-            continue
-        seen[digest] = path
-        loaded.append((path, img))
-    return loaded, lines
+        lines.extend(f"{path}: {note}" for note in ([notes[path]] if path in notes else []) + found)
+        loaded.append((path, img, hashlib.sha256(repr(img.size).encode() + img.tobytes()).hexdigest()))
+    return loaded, lines, skipped
+
+
+def _drop_duplicates(loaded, captions: dict[Path, Path]):
+    """Of exact pixel duplicates keep the copy that has a usable caption (else the first by name); say which
+    was kept and whose caption is used. -> ([(path, image)], warning lines, skipped paths)."""
+    groups: dict[str, list] = {}
+    for path, img, digest in loaded:
+        groups.setdefault(digest, []).append((path, img))
+    kept, lines, skipped = [], [], []
+    for members in groups.values():
+        captioned = [m for m in members if _caption_of(m[0], captions)[0] is not None]
+        keep = (captioned or members)[0]
+        kept.append(keep)
+        why = "it has a caption file, which is used" if captioned else "the first by name; no copy has a caption"
+        for path, _ in members:
+            if path != keep[0]:
+                lines.append(f"{path}: skipped: exact duplicate of {keep[0].name} (kept {keep[0].name}: {why})")
+                skipped.append(path)
+    order = {path: i for i, (path, _, _) in enumerate(loaded)}
+    kept.sort(key=lambda m: order[m[0]])
+    return kept, lines, skipped
 
 
 # --------------------------------------------------------------------------------------------- captions
@@ -247,6 +244,11 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
     return text, None
 
 
+def _caption_of(image: Path, captions: dict[Path, Path]) -> tuple[str | None, str | None]:
+    cap_path = captions.get(image.with_suffix(""))
+    return _read_caption(cap_path) if cap_path else (None, None)
+
+
 def _attach_captions(loaded: list[tuple[Path, Image.Image]], captions: dict[str, Path],
                      default: str | None) -> tuple[list[Sample], list[str], list[str]]:
     """Samples, warning lines, and the images left without any caption (only when default is None)."""
@@ -254,8 +256,8 @@ def _attach_captions(loaded: list[tuple[Path, Image.Image]], captions: dict[str,
     lines: list[str] = []
     missing: list[str] = []
     for path, img in loaded:
-        cap_path = captions.get(path.stem)
-        text, problem = _read_caption(cap_path) if cap_path else (None, None)
+        text, problem = _caption_of(path, captions)
+        cap_path = captions.get(path.with_suffix(""))
         if text is None and default is None:
             missing.append(f"{path.name} ({problem})" if problem else path.name)
             continue
@@ -274,34 +276,49 @@ def _listed(items: list[str]) -> str:
     return shown + (f", ... and {extra} more" if extra > 0 else "")
 
 
-def scan_folder(folder: str | Path, default_prompt: str | None, *,
-                min_size: int = 32) -> tuple[list[Sample], list[str]]:
-    """Open and fully check every image in ``folder`` (not recursive); returns (samples, warning lines)."""
+def _scan(folder: str | Path, default_prompt: str | None, min_size: int, recursive: bool):
+    """(samples, warning lines, every file not used)."""
     root = _check_folder(folder)
     # A blank instance prompt is no prompt: it must not silently become the caption of every image.
     default = default_prompt.strip() if default_prompt and default_prompt.strip() else None
-    paths, captions, orphan_lines = _list_entries(root)
-    if not paths:
-        raise DataError(f"no usable images in {root}: no files named *{', *'.join(IMAGE_EXTS)} -> fix: put "
-                        "the instance images directly in this folder (sub-folders are not scanned)")
-    loaded, lines = _load_all(paths, min_size)
+    listing = list_folder(root, recursive)
+    listed = [f"{p}: skipped: {why}" for p, why in listing.skipped]
+    if not listing.images:
+        raise DataError(f"no usable images in {root}: no image files (*{', *'.join(IMAGE_EXTS)})"
+                        + ("".join(f"\n  {line}" for line in listed[:_MAX_LISTED]))
+                        + "\n-> fix: put the instance images in this folder (or set data.recursive=true for "
+                          "sub-folders)")
+    loaded, lines, bad = _load_all(listing.images, min_size, listing.notes)
     if not loaded:
-        raise DataError(f"no usable images in {root}: all {len(paths)} image files were skipped:\n  "
+        raise DataError(f"no usable images in {root}: all {len(listing.images)} image files were skipped:\n  "
                         + "\n  ".join(lines[:_MAX_LISTED])
                         + "\n-> fix: replace or repair the files listed above")
-    samples, caption_lines, missing = _attach_captions(loaded, captions, default)
+    kept, dup_lines, dups = _drop_duplicates(loaded, listing.captions)
+    samples, caption_lines, missing = _attach_captions(kept, listing.captions, default)
     if missing:
         raise DataError(f"images without a usable caption in {root}: {_listed(missing)} -> fix: add a .txt "
                         "caption beside each image (photo.png -> photo.txt) or set data.instance_prompt")
-    return samples, lines + caption_lines + orphan_lines
+    orphans = [f"{p}: caption without image, ignored" for p in listing.orphans]
+    skipped = [p for p, _ in listing.skipped] + bad + dups
+    return samples, listed + lines + dup_lines + caption_lines + orphans, skipped
 
 
-def load_samples(folder: str | Path, default_prompt: str | None, *, min_size: int = 32,
+def scan_folder(folder: str | Path, default_prompt: str | None, *, min_size: int = 32,
+                recursive: bool = False) -> tuple[list[Sample], list[str]]:
+    """Open and fully check every image in ``folder`` (and its sub-folders with ``recursive``); returns
+    (samples, warning lines). Every file is used, used with a note, or named in a line saying why not."""
+    samples, lines, _ = _scan(folder, default_prompt, min_size, recursive)
+    return samples, lines
+
+
+def load_samples(folder: str | Path, default_prompt: str | None, *, min_size: int = 32, recursive: bool = False,
                  warn: Callable[[str], object] = print) -> list[Sample]:
-    """scan_folder, reporting each warning line through ``warn``."""
-    samples, lines = scan_folder(folder, default_prompt, min_size=min_size)
+    """scan_folder, reporting each warning line through ``warn``, then "N images used, K skipped"."""
+    samples, lines, skipped = _scan(folder, default_prompt, min_size, recursive)
     for line in lines:
         warn(line)
+    names = f": {_listed([p.name for p in skipped])}" if skipped else ""
+    warn(f"{folder}: {len(samples)} images used, {len(skipped)} skipped{names}")
     return samples
 
 

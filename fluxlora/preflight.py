@@ -16,7 +16,7 @@ from fluxlora.errors import ModelLoadError
 def _data_problems(cfg: RunConfig) -> list[Problem]:
     out = []
     try:
-        data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt)
+        data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt, recursive=cfg.data.recursive)
     except data.DataError as e:
         message, _, fix = str(e).rpartition("-> fix: ")  # DataError messages carry their own fix
         out.append(Problem("data.instance_dir", repr(cfg.data.instance_dir), message.strip() or str(e),

@@ -120,7 +120,8 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     once); ``evaluate``: build the toy evaluator (only the main process logs metrics)."""
     avoid_cudnn_attention(device)
     family = families.get(cfg.model.family)
-    samples = data.load_samples(cfg.data.instance_dir, cfg.data.instance_prompt, warn=warn)
+    samples = data.load_samples(cfg.data.instance_dir, cfg.data.instance_prompt, recursive=cfg.data.recursive,
+                                warn=warn)
     m = cfg.model
     pipe = modelpath.load_base(family, m.path, m.dtype, m.revision, m.quantize)
     family = family.bind(pipe)

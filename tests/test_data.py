@@ -27,12 +27,16 @@ from data_fixtures import PROMPT, lines_for, noise, save, scan
 def test_normal_formats_and_uppercase_extension(tmp_path):
     for i, name in enumerate(["a.jpg", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.PNG", "g.JpG"]):
         save(noise(seed=i), tmp_path / name)
-    (tmp_path / "notes.md").write_text("ignored")
-    (tmp_path / "model.gif").write_bytes(b"GIF89a")
-    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # dot files: ignored silently
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "model.gif").write_bytes(b"GIF89a")  # a header and nothing else
+    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     by_name, lines = scan(tmp_path)
     assert list(by_name) == ["a.jpg", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.PNG", "g.JpG"]
-    assert lines == []
+    # every other file is named with the reason it is not used
+    assert "hidden file" in lines_for(lines, "._a.jpg")[0]
+    assert "not a supported image (extension .md" in lines_for(lines, "notes.md")[0]
+    assert "skipped: not an image" in lines_for(lines, "model.gif")[0]
+    assert len(lines) == 3
     for s in by_name.values():
         assert s.image.mode == "RGB" and s.image.size == (64, 48) and s.caption == PROMPT
 
@@ -352,8 +356,9 @@ def test_duplicates_across_formats_and_modes(tmp_path):
     save(Image.fromarray(near), tmp_path / "e.png")
     by_name, lines = scan(tmp_path)
     assert list(by_name) == ["a.png", "c.png", "e.png"]
-    assert lines == [f"{tmp_path / 'b.webp'}: skipped: exact duplicate of a.png",
-                     f"{tmp_path / 'd.bmp'}: skipped: exact duplicate of c.png"]
+    first = "the first by name; no copy has a caption"
+    assert lines == [f"{tmp_path / 'b.webp'}: skipped: exact duplicate of a.png (kept a.png: {first})",
+                     f"{tmp_path / 'd.bmp'}: skipped: exact duplicate of c.png (kept c.png: {first})"]
 
 
 @pytest.mark.parametrize("mode,key", [("RGB", (0, 0, 0)), ("L", 0)])

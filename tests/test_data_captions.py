@@ -52,9 +52,11 @@ def test_undecodable_caption_falls_back_with_warning(tmp_path, raw):
 def test_caption_without_image_warns(tmp_path):
     save(noise(), tmp_path / "x.png")
     (tmp_path / "orphan.txt").write_text("lonely")
-    (tmp_path / "README.md").write_text("ignored silently")
+    (tmp_path / "README.md").write_text("not an image")
     _, lines = scan(tmp_path)
-    assert lines == [f"{tmp_path / 'orphan.txt'}: caption without image, ignored"]
+    assert lines == [f"{tmp_path / 'README.md'}: skipped: not a supported image (extension .md; readable: "
+                     ".jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, .tiff)",
+                     f"{tmp_path / 'orphan.txt'}: caption without image, ignored"]
 
 
 def test_missing_captions_without_default_is_one_error(tmp_path):
@@ -105,7 +107,8 @@ def test_load_samples_reports_each_line(tmp_path):
     got: list[str] = []
     samples = load_samples(str(tmp_path), PROMPT, warn=got.append)
     assert [s.path.name for s in samples] == ["a.png"]
-    assert len(got) == 2 and "empty.png" in got[0] and "orphan.txt" in got[1]
+    assert len(got) == 3 and "empty.png" in got[0] and "orphan.txt" in got[1]
+    assert got[2] == f"{tmp_path}: 1 images used, 1 skipped: empty.png"  # the data check's last line
     with pytest.raises(AttributeError):  # Sample is frozen
         samples[0].caption = "other"
 

@@ -1,0 +1,107 @@
+"""Which files of a data folder are images, which are captions, and why every other one is not used.
+
+Every entry is accounted for: an image candidate (by extension, or by its content when the extension is
+unknown), a caption (``.txt``), or skipped with a reason (hidden file, sub-folder without data.recursive,
+not a regular file, unsupported content). Nothing is decoded here beyond a header read for sniffing; a FIFO
+or device is never opened. docs/data_handling.md tabulates the outcome for each kind of input.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from fluxlora.errors import DataError
+
+# Extension -> the PIL format it promises. MPO is how PIL names many phone JPEGs (multi-picture JPEG).
+EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF",
+               ".tif": "TIFF", ".tiff": "TIFF"}
+IMAGE_EXTS = tuple(EXT_FORMATS)
+READABLE_FORMATS = set(EXT_FORMATS.values()) | {"MPO"}
+CAPTION_EXT = ".txt"
+
+
+@dataclass
+class Listing:
+    images: list[Path] = field(default_factory=list)  # candidates, sorted by path relative to the root
+    captions: dict[Path, Path] = field(default_factory=dict)  # image path without suffix -> caption file
+    notes: dict[Path, str] = field(default_factory=dict)  # per image: why it is used despite its name
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
+    orphans: list[Path] = field(default_factory=list)  # captions without an image
+
+
+def same_format(found: str | None, suffix: str) -> bool:
+    promised = EXT_FORMATS.get(suffix.lower())
+    return found == promised or {found, promised} <= {"JPEG", "MPO"}
+
+
+def sniff(path: Path) -> str | None:
+    """The image format PIL recognises in the file's header, or None (nothing is decoded)."""
+    try:
+        with Image.open(path) as img:
+            return img.format
+    except Exception:  # noqa: BLE001 - any reader failure means "not an image PIL knows"
+        return None
+
+
+def _kind(path: Path) -> str:
+    """'dir', 'file' or 'other' (FIFO, socket, device), following symlinks; 'broken' when stat fails."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "broken"
+    return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise DataError(f"cannot list data folder {folder}: {exc.strerror or exc}") from exc
+
+
+def _add_file(out: Listing, path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix == CAPTION_EXT:
+        key = path.with_suffix("")
+        # An exact ".txt" wins over "FOO.TXT" when a case-sensitive file system holds both.
+        if key not in out.captions or path.suffix == CAPTION_EXT:
+            out.captions[key] = path
+        return
+    if suffix in EXT_FORMATS:
+        out.images.append(path)
+        return
+    found = sniff(path) if _kind(path) == "file" else None
+    if found in READABLE_FORMATS:
+        out.images.append(path)
+        out.notes[path] = f"content is {found}, extension {path.suffix or '(none)'} says otherwise; used"
+    else:
+        what = f"extension {path.suffix}" if path.suffix else "no extension"
+        out.skipped.append((path, f"not a supported image ({what}; readable: {', '.join(IMAGE_EXTS)})"))
+
+
+def _walk(out: Listing, folder: Path, recursive: bool) -> None:
+    for path in _entries(folder):
+        if path.name.startswith("."):
+            out.skipped.append((path, "hidden file (name starts with '.'; e.g. macOS ._ copies, .DS_Store)"))
+        elif _kind(path) == "dir":
+            if recursive:
+                _walk(out, path, recursive)
+            else:
+                out.skipped.append((path, "sub-folder (a directory), not scanned -> fix: set data.recursive=true "
+                                          "to use the images in it, or move them up"))
+        else:
+            _add_file(out, path)
+
+
+def list_folder(root: Path, recursive: bool = False) -> Listing:
+    """Every entry of ``root`` (and of its sub-folders with ``recursive``), sorted by relative path."""
+    out = Listing()
+    _walk(out, root, recursive)
+    out.images.sort(key=lambda p: p.relative_to(root).as_posix())
+    stems = {p.with_suffix("") for p in out.images}
+    out.orphans = [cap for key, cap in sorted(out.captions.items()) if key not in stems]
+    return out
