@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from fluxlora.datafiles import CAPTION_EXT, EXT_FORMATS, IMAGE_EXTS, list_folder, same_format  # noqa: F401 (API)
+from fluxlora.datafiles import EXT_FORMATS, IMAGE_EXTS, list_folder, same_format
 from fluxlora.errors import DataError
 
 # Refuse images above this many pixels before decoding them (64 MPix of RGB is ~200 MB decoded). Lower
