@@ -9,7 +9,7 @@ import time
 
 from fluxlora import adapters, checkpoint, export, lorafile, methods, train
 from fluxlora.config import config_hash
-from fluxlora.errors import TrainingStopped
+from fluxlora.errors import TrainingStopped, write_errors
 from fluxlora.prepare import Prepared
 from fluxlora.rundir import ArmDir
 
@@ -84,10 +84,11 @@ def _finish(prep: Prepared, cfg, arm: ArmDir, info: adapters.AdapterInfo, t_star
         return {"arm": arm.name, "method": info.method, "rank": prep.process_index}
     steps = cfg.train.steps
     arm.set_status("running", step=steps, total=steps, method=info.method)
+    export.sweep_partial(arm)  # temp files of an export a kill interrupted (the run lock: we are the only writer)
     try:
         export.export_arm(prep.model, info, arm, export_metadata(cfg, info, steps), prep.family,
                           cfg.export.formats, cfg.export.dtype)
-    except OSError as e:
+    except write_errors() as e:
         raise TrainingStopped(f"could not write {arm.adapter_file}: {e} -> the final checkpoint is kept; "
                               f"free disk space and run: fluxlora export {arm.root.parent}") from e
     return train.summarize(arm, info, time.perf_counter() - t_start, prep.device)

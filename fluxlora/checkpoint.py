@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fluxlora import adapters
-from fluxlora.errors import CheckpointError
+from fluxlora.errors import CheckpointError, write_errors
 from fluxlora.rundir import ArmDir, step_name, write_json
 
 
@@ -35,7 +35,7 @@ def save(arm: ArmDir, step: int, model, optimizer, lr_scheduler, generator: torc
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as e:
+    except write_errors() as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final}: {e} -> the previous checkpoint is "
                               "kept; free disk space and resume with --resume") from e

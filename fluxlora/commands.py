@@ -71,7 +71,7 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
     from fluxlora import export as exporter
     from fluxlora.arms import export_metadata
     from fluxlora.config import arm_config
-    from fluxlora.errors import RunError
+    from fluxlora.errors import RunError, write_errors
 
     arm, acfg = group.arm(name), arm_config(cfg, name)
     a = acfg.adapter
@@ -92,7 +92,7 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
         step = int(ckpt.name.split("-")[1])
         paths, truncation = exporter.export_arm(model, info, arm, export_metadata(acfg, info, step), family,
                                                 formats or acfg.export.formats, dtype or acfg.export.dtype, rank)
-    except OSError as e:  # disk full, permissions: the previous files are left as they were
+    except write_errors() as e:  # disk full, permissions: the previous files are left as they were
         raise RunError(f"could not write the export of arm {name}: {e} -> the previous files and the "
                        "checkpoints are kept; free disk space and run fluxlora export again") from e
     finally:

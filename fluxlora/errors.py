@@ -38,3 +38,11 @@ class TrainingStopped(Exception):
 
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, AdapterError, CheckpointError, RunError)
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What writing a file may raise when the disk is full or the folder unwritable, by writer: OSError
+    (open/write/rename, PIL, json), RuntimeError (torch.save's zip writer), SafetensorError (safetensors)."""
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, SafetensorError)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,15 @@ def base_model_hash(path: str) -> str | None:
 
 
 # ----- writers ------------------------------------------------------------------------------------------
+
+def sweep_partial(arm: ArmDir) -> None:
+    """Remove the .export-* temp files and folders an interrupted export left in the arm's folder."""
+    for partial in arm.root.glob(".export-*"):
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+
 
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)

@@ -166,11 +166,13 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, 
             continue
         try:
             summary = train_arm(prep, arm_config(cfg, method), method, arm)
-        except (TrainingStopped, AdapterError, CheckpointError) as e:
-            if prep.main:
-                arm.set_status("failed", error=str(e))
-            warn(f"arm {method} failed: {e}")
-            results.append({"arm": method, "method": method, "error": str(e)})
+        except (TrainingStopped, AdapterError, CheckpointError, OSError) as e:
+            message = str(e) if not isinstance(e, OSError) else (
+                f"could not write {e.filename or 'a file'}: {e.strerror or e} -> free disk space (or fix the "
+                "permissions) and resume with --resume; the last checkpoint is kept")
+            _mark_failed(arm, message, prep.main, warn)
+            warn(f"arm {method} failed: {message}")
+            results.append({"arm": method, "method": method, "error": message})
             continue
         except KeyboardInterrupt as e:
             if prep.main:
@@ -184,6 +186,16 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, 
     if prep.main and owner:
         group.write_info(status=group_status(results))
     return results
+
+
+def _mark_failed(arm, message: str, main: bool, warn) -> None:
+    """status.json says failed with the reason; on a full disk even that may not be writable: say so."""
+    if not main:
+        return
+    try:
+        arm.set_status("failed", error=message)
+    except OSError as e:
+        warn(f"could not record the failure in {arm.status_file}: {e}")
 
 
 def group_status(results: list[dict]) -> str:

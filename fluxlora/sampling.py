@@ -34,15 +34,19 @@ def write_samples(arm: ArmDir, step: int, images: list[list[Image.Image]], promp
     final = arm.samples_dir / step_name(step)
     tmp = arm.samples_dir / f".tmp-{step_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = []
-    for r, row in enumerate(images):
-        for c, img in enumerate(row):
-            name = f"{r * len(seeds) + c:02d}.png"
-            img.save(tmp / name)
-            files.append({"file": name, "prompt": prompts[r], "seed": seeds[c]})
-    labelled_grid(images, prompts, seeds, f"{arm.name}  step {step}").save(tmp / "grid.png")
-    write_json(tmp / "meta.json", {"arm": arm.name, "step": step, "images": files, **settings})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        files = []
+        for r, row in enumerate(images):
+            for c, img in enumerate(row):
+                name = f"{r * len(seeds) + c:02d}.png"
+                img.save(tmp / name)
+                files.append({"file": name, "prompt": prompts[r], "seed": seeds[c]})
+        labelled_grid(images, prompts, seeds, f"{arm.name}  step {step}").save(tmp / "grid.png")
+        write_json(tmp / "meta.json", {"arm": arm.name, "step": step, "images": files, **settings})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial step folder (a reader never sees one anyway)
+        raise

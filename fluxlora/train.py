@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fluxlora import adapters, checkpoint, distributed, gradients, sampling, signals
-from fluxlora.errors import CheckpointError, TrainingStopped
+from fluxlora.errors import CheckpointError, TrainingStopped, write_errors
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
 from fluxlora.prepare import Prepared
@@ -33,7 +33,11 @@ class MetricsLog:
     def __call__(self, record: dict) -> None:
         if not self.enabled:  # not the main process of a data-parallel run
             return
-        self.arm.log_metrics(record)
+        try:
+            self.arm.log_metrics(record)
+        except write_errors() as e:
+            raise TrainingStopped(f"could not write {self.arm.metrics_file}: {e} -> free disk space and resume "
+                                  "with --resume (the last checkpoint is kept)") from e
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
@@ -141,7 +145,11 @@ def sample_step(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: in
     model.train()
     settings = {"steps": s.steps, "guidance": s.guidance, "true_cfg": s.true_cfg,
                 "negative_prompt": s.negative_prompt, "resolution": resolution}
-    sampling.write_samples(arm, step, images, prep.sample_prompts, list(s.seeds), settings)
+    try:
+        sampling.write_samples(arm, step, images, prep.sample_prompts, list(s.seeds), settings)
+    except write_errors() as e:
+        raise TrainingStopped(f"could not write the step-{step} samples into {arm.samples_dir}: {e} -> free "
+                              "disk space and resume with --resume (the last checkpoint is kept)") from e
 
 
 def due(step: int, every: int, last: int) -> bool:
