@@ -54,7 +54,8 @@ def scale_for(rank: int, alpha: float, scaling: str, coefficient: float) -> floa
 def find_targets(model: nn.Module, suffixes: list[str], blocks_only: bool = False) -> list[str]:
     """Full names of the nn.Linear modules whose name ends with one of ``suffixes`` (``blocks_only``: inside
     the transformer / UNet blocks, as the presets mean). Convolutions are refused: the init methods
-    decompose 2-D weight matrices, and a conv layer is out of scope for every method."""
+    decompose 2-D weight matrices, and a conv layer is out of scope for every method. Of an explicit list
+    (not ``blocks_only``) every suffix must match something."""
     def wanted(n: str) -> bool:
         inside = not blocks_only or "blocks." in n
         return inside and any(n == s or n.endswith("." + s) for s in suffixes)
@@ -68,6 +69,10 @@ def find_targets(model: nn.Module, suffixes: list[str], blocks_only: bool = Fals
     if not names:
         raise AdapterError(f"no Linear layer of the model matches adapter targets {suffixes} -> fix: "
                            "use a preset (attn, attn_context, wide) or module-name suffixes such as to_q")
+    unmatched = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
+    if unmatched and not blocks_only:  # an explicit list: a suffix that matches nothing is a typo, not a no-op
+        raise AdapterError(f"adapter.target_modules {unmatched} match no Linear layer of the model (the others "
+                           f"match {len(names)}) -> fix: correct or remove them")
     return names
 
 

@@ -9,7 +9,7 @@ import time
 
 from fluxlora import adapters, checkpoint, export, lorafile, methods, train
 from fluxlora.config import config_hash
-from fluxlora.errors import TrainingStopped, write_errors
+from fluxlora.errors import AdapterError, TrainingStopped, write_errors
 from fluxlora.prepare import Prepared
 from fluxlora.rundir import ArmDir
 
@@ -22,6 +22,7 @@ def check_arm(prep: Prepared, cfg, method: str):
     targets = adapters.find_targets(model, a.target_modules or prep.family.target_presets[a.targets],
                                     blocks_only=not a.target_modules)
     export.check_formats(cfg.export.formats, targets)
+    _check_rank_fits(model, targets, a.rank, method)
     m = methods.get(method)
     if m.check:
         m.check_fn()(prep.stats["images"], a.sb_batches, cfg.train.batch_size, a.init_from, cfg.data.repeats)
@@ -31,6 +32,17 @@ def check_arm(prep: Prepared, cfg, method: str):
     start_file = lorafile.read(a.init_from, out_features)
     lorafile.check(start_file, a.rank, targets, m.start == methods.OFFSET, method, list(out_features))
     return targets, start_file
+
+
+def _check_rank_fits(model, targets: list[str], rank: int, method: str) -> None:
+    """Every init decomposes an (out, in) weight into rank-r factors: r <= min(out, in) on every target."""
+    for name in targets:
+        layer = model.get_submodule(name)
+        n, m = layer.out_features, layer.in_features
+        if rank > min(n, m):
+            raise AdapterError(f"rank must be in [1, min(n, m)] = [1, {min(n, m)}] for {method} on a layer of shape "
+                               f"(n={n}, m={m}), e.g. {name} (got {rank}) -> fix: use adapter.rank <= {min(n, m)} "
+                               "or leave such layers out of the targets")
 
 
 def _inject(prep: Prepared, cfg, method: str, targets: list[str], start_file, resume_from) -> adapters.AdapterInfo:

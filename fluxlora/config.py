@@ -121,6 +121,17 @@ class AdapterConfig(Section):
         return v
 
     @model_validator(mode="after")
+    def _ranks(self):
+        for name in self.arms:
+            m, o = methods.METHODS[name], self.overrides.get(name)
+            rank = o.rank if o is not None and o.rank is not None else self.rank
+            if rank < m.min_rank:
+                field = f"adapter.overrides.{name}.rank" if o is not None and o.rank is not None else "adapter.rank"
+                raise ValueError(f"{field} {rank} is too small for {name}: {m.min_rank_why} -> use a rank >= "
+                                 f"{m.min_rank}")
+        return self
+
+    @model_validator(mode="after")
     def _overrides(self):
         stray = [k for k in self.overrides if k not in self.arms]
         if stray:

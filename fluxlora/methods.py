@@ -13,7 +13,8 @@ name, so a new method touches only its own module and one row here. Math: docs/m
 - ``layer``: the adapted layer's kind. LORA: peft's LoRA layer (A, B). CORE: a LoRA-XS layer B R A with
   frozen A, B and a trainable r x r core R (lora_sb.py).
 - ``fixed_scale``: a method whose scale is part of the method (lora_sb: 1): alpha / scaling do not apply.
-- ``check``: ``fn(images, batches, batch_size, init_from, repeats)`` run before any arm trains.
+- ``check``: ``fn(images, batches, batch_size, init_from, repeats)``, run before any model loads.
+- ``min_rank``: the smallest rank the method is defined for (checked by the config).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Method:
     impl: str  # "module:function" of the init
     fixed_scale: float | None = None
     check: str | None = None  # "module:function" of its data check
+    min_rank: int = 1
+    min_rank_why: str = ""
 
     def init_fn(self):
         return _load(self.impl)
@@ -53,8 +56,8 @@ def _load(ref: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _weight(name: str, start: str) -> Method:
-    return Method(name, WEIGHTS, start, LORA, f"fluxlora.inits:{name}")
+def _weight(name: str, start: str, **kw) -> Method:
+    return Method(name, WEIGHTS, start, LORA, f"fluxlora.inits:{name}", **kw)
 
 
 METHODS = {m.name: m for m in (
@@ -62,7 +65,8 @@ METHODS = {m.name: m for m in (
     _weight("lora_gaussian", ZERO),
     _weight("pissa", OFFSET),
     _weight("pissa_fast", OFFSET),
-    _weight("loram", OFFSET),
+    _weight("loram", OFFSET, min_rank=2, min_rank_why="its gain Q = ln r / ln min(n, m) is 0 at r = 1, so both "
+            "factors would be zero (a dead adapter)"),
     _weight("olora", OFFSET),
     _weight("milora", OFFSET),
     Method("lora_sb", GRADIENTS, WHOLE, CORE, "fluxlora.lora_sb:initialize", fixed_scale=1.0,

@@ -8,15 +8,17 @@ import os
 import tempfile
 from pathlib import Path
 
-from fluxlora import data
+from fluxlora import data, methods
 from fluxlora.config import ConfigError, Problem, RunConfig
-from fluxlora.errors import ModelLoadError
+from fluxlora.errors import AdapterError, ModelLoadError
 
 
-def _data_problems(cfg: RunConfig) -> list[Problem]:
-    out = []
+def _data_problems(cfg: RunConfig) -> tuple[list[Problem], int]:
+    """Problems of the data folders, and the number of usable subject images (0 when the folder fails)."""
+    out, images = [], 0
     try:
-        data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt, recursive=cfg.data.recursive)
+        images = len(data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt,
+                                      recursive=cfg.data.recursive)[0])
     except data.DataError as e:
         message, _, fix = str(e).rpartition("-> fix: ")  # DataError messages carry their own fix
         out.append(Problem("data.instance_dir", repr(cfg.data.instance_dir), message.strip() or str(e),
@@ -25,7 +27,7 @@ def _data_problems(cfg: RunConfig) -> list[Problem]:
     if class_dir and not cfg.data.num_class_images and not Path(class_dir).is_dir():
         out.append(Problem("data.class_dir", repr(class_dir), "folder does not exist",
                            "create it, or set data.num_class_images to generate class images"))
-    return out
+    return out, images
 
 
 def _model_problems(cfg: RunConfig) -> list[Problem]:
@@ -62,9 +64,28 @@ def _init_from_problems(cfg: RunConfig) -> list[Problem]:
     return [Problem("adapter.init_from", repr(path), "file does not exist", "give the path of a LoRA .safetensors")]
 
 
+def _method_problems(cfg: RunConfig, images: int) -> list[Problem]:
+    """Each arm's method-specific data check (methods.py ``check``), e.g. LoRA-SB's distinct estimation images."""
+    from fluxlora.config import arm_config
+
+    out = []
+    for name in cfg.adapter.arms:
+        m, a = methods.METHODS[name], arm_config(cfg, name).adapter
+        if not m.check or not images:
+            continue
+        try:
+            m.check_fn()(images, a.sb_batches, cfg.train.batch_size, a.init_from, cfg.data.repeats)
+        except AdapterError as e:
+            message, _, fix = str(e).rpartition(" -> fix: ")
+            out.append(Problem(f"adapter.init {name}", None, message or str(e), fix or "see the message"))
+    return out
+
+
 def check(cfg: RunConfig) -> None:
-    """Raise one ConfigError, naming the config's file, listing every data, model-path, output-folder and
-    init_from problem."""
-    problems = _data_problems(cfg) + _model_problems(cfg) + _output_problems(cfg) + _init_from_problems(cfg)
+    """Raise one ConfigError, naming the config's file, listing every data, model-path, output-folder,
+    init_from and method-data problem: everything that can be checked without the model's weights."""
+    data_problems, images = _data_problems(cfg)
+    problems = (data_problems + _model_problems(cfg) + _output_problems(cfg) + _init_from_problems(cfg)
+                + _method_problems(cfg, images))
     if problems:
         raise ConfigError(cfg.source, problems)

@@ -11,7 +11,7 @@ from fluxlora import preflight
 from fluxlora.arms import check_arm, train_arm
 from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.distributed import make_accelerator, on_main
-from fluxlora.errors import AdapterError, CheckpointError, RunError, TrainingStopped
+from fluxlora.errors import USER_ERRORS, AdapterError, CheckpointError, RunError, TrainingStopped
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
 from fluxlora.signals import Preempted
@@ -140,24 +140,65 @@ def run(cfg, resume: bool = False, warn=print, arms: list[str] | None = None, ow
         raise RunError(f"train.batch_size {cfg.train.batch_size} is the global batch and must divide evenly "
                        f"over {accelerator.num_processes} processes -> fix: use a multiple of it")
     if not owner:
-        return _run_arms(cfg, GroupDir(Path(cfg.output_dir) / cfg.name), resume, warn, accelerator, arms, False)
+        try:
+            return _run_arms(cfg, GroupDir(Path(cfg.output_dir) / cfg.name), resume, warn, accelerator, arms, False)
+        except RefusedBeforeTraining as refused:
+            raise refused.error from None
+    fresh = not (Path(cfg.output_dir) / cfg.name / "group.json").exists()
     group = on_main(accelerator, lambda: open_group(cfg, resume, warn), RunError) or \
         GroupDir(Path(cfg.output_dir) / cfg.name)
     try:
         return _run_arms(cfg, group, resume, warn, accelerator, arms)
+    except RefusedBeforeTraining as refused:
+        if main and fresh:
+            discard_new_group(group)
+        raise refused.error from None
     finally:
         if main:
             (group.root / LOCK).unlink(missing_ok=True)
 
 
+class RefusedBeforeTraining(Exception):
+    """A user error raised after the run folder was opened but before any arm trained (wraps it)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def discard_new_group(group: GroupDir) -> None:
+    """Remove what this invocation wrote into a run folder it created, when the run was refused before any
+    arm trained: nothing half-written stays behind. Generated class images are a cache and are kept."""
+    for arm in group.arms():
+        for name in ("status.json",):
+            (arm.root / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            arm.root.rmdir()
+    for path in (group.config_file, group.group_file):
+        path.unlink(missing_ok=True)
+    (group.root / LOCK).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        group.root.rmdir()
+
+
+def _prepared_and_checked(cfg, warn, accelerator, arms: list[str]):
+    """The shared preparation and every arm's model-dependent checks (targets, formats, init_from fit);
+    a user error here is RefusedBeforeTraining."""
+    try:
+        prep = prepare(cfg, accelerator.device, warn=warn, main_first=accelerator.main_process_first,
+                       evaluate=accelerator.is_main_process)
+        prep.autocast = accelerator.autocast
+        prep.process_index, prep.num_processes = accelerator.process_index, accelerator.num_processes
+        for method in arms:  # a file or target problem stops the run before any arm trains
+            check_arm(prep, arm_config(cfg, method), method)
+    except USER_ERRORS as e:
+        raise RefusedBeforeTraining(e) from e
+    return prep
+
+
 def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, owner=True) -> list[dict]:
-    prep = prepare(cfg, accelerator.device, warn=warn, main_first=accelerator.main_process_first,
-                   evaluate=accelerator.is_main_process)
-    prep.autocast = accelerator.autocast
-    prep.process_index, prep.num_processes = accelerator.process_index, accelerator.num_processes
     arms = arms or cfg.adapter.arms
-    for method in arms:  # a file or target problem stops the run before any arm trains
-        check_arm(prep, arm_config(cfg, method), method)
+    prep = _prepared_and_checked(cfg, warn, accelerator, arms)
     results = []
     for method in arms:
         arm = group.arm(method)
