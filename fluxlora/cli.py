@@ -16,6 +16,7 @@ EPILOG = """examples:
   fluxlora train train_configs/toy_subject.yaml
   fluxlora train my_subject.yaml train.steps=500 adapter.init=[lora,pissa,loram]
   fluxlora train my_subject.yaml --resume
+  fluxlora train my_subject.yaml --dry-run --dump-dataset /tmp/seen
   fluxlora export runs/toy_subject
   fluxlora sample runs/toy_subject --prompt "a zxq emblem on a red background, center" --seed 3
   fluxlora info runs/toy_subject/loram/adapter.safetensors
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the arms at the same time: one worker per visible GPU (2+ GPUs), or N "
                         "worker processes (N CPU processes when there is no second GPU)")
     t.add_argument("--worker-arms", default=None, help=argparse.SUPPRESS)  # set by --arms-parallel
+    t.add_argument("--dry-run", action="store_true", help="run every check that needs no model and list the "
+                   "images and captions it would train on; loads no weights, exit 0 only if a run would start")
+    t.add_argument("--dump-dataset", default=None, metavar="DIR", help="with --dry-run (implies it): write each "
+                   "training image as the trainer sees it (resized, cropped, flipped) as PNG + caption into DIR")
     e = sub.add_parser("export", help="re-export the adapters of a run from its latest checkpoints")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--arm", action="append", help="only this arm (repeatable; default all)")
@@ -115,7 +120,8 @@ def dispatch(args) -> int:
 
     if args.command == "train":
         install_stop_handlers()
-        return commands.train(args.config, args.overrides, args.resume, args.arms_parallel, args.worker_arms)
+        return commands.train(args.config, args.overrides, args.resume, args.arms_parallel, args.worker_arms,
+                              args.dry_run, args.dump_dataset)
     if args.command == "export":
         return commands.export(Path(args.run_dir), args.arm, commands.parse_formats(args.format), args.dtype,
                                args.rank)

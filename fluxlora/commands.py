@@ -1,4 +1,4 @@
-"""The CLI commands' bodies: train, export, sample."""
+"""The CLI commands' bodies: train (and its dry run), export, sample, info."""
 
 from __future__ import annotations
 
@@ -6,13 +6,18 @@ from pathlib import Path
 
 
 def train(config: str, overrides: list[str], resume: bool, arms_parallel: int | None = None,
-          worker_arms: str | None = None) -> int:
-    from accelerate import PartialState
-
+          worker_arms: str | None = None, dry_run: bool = False, dump_dataset: str | None = None) -> int:
     from fluxlora.config import load_config
-    from fluxlora.runner import run, summary_table
 
     cfg = load_config(config, overrides)
+    if dry_run or dump_dataset:
+        from fluxlora.dryrun import dry_run as check_only
+
+        return check_only(cfg, resume, dump_dataset)
+    from accelerate import PartialState
+
+    from fluxlora.runner import run, summary_table
+
     if worker_arms:  # one worker of --arms-parallel: the parent owns the run folder and reports
         results = run(cfg, resume=resume, arms=worker_arms.split(","), owner=False)
         return 1 if any("error" in r for r in results) else 0

@@ -85,7 +85,9 @@ def problems_from(root: type[BaseModel], e: ValidationError) -> list[Problem]:
         if value is not None and len(value) > 80:
             value = value[:77] + "..."
         msg = err["msg"].removeprefix("Value error, ")
-        out.append(Problem(where, value, msg, _fix_for(root, err)))
+        head, sep, own_fix = msg.rpartition(" -> ")  # a validator that names its own fix: use it
+        out.append(Problem(where, value, head, own_fix.removeprefix("fix: ")) if sep else
+                   Problem(where, value, msg, _fix_for(root, err)))
     return _dedupe(out)
 
 
