@@ -45,6 +45,19 @@ def _check_rank_fits(model, targets: list[str], rank: int, method: str) -> None:
                                "or leave such layers out of the targets")
 
 
+def storage_bytes(prep: Prepared, cfg, method: str, targets: list[str]) -> int:
+    """About what an arm writes: each checkpoint holds the adapter tensors (with the offset half, fp32) and
+    AdamW's two moments of the trainable ones; train.keep_checkpoints of them plus one being written, and the
+    export files (each the exact delta, at most the adapter's size). Samples are small and not counted."""
+    m, a = methods.get(method), cfg.adapter
+    sizes = [(layer.in_features, layer.out_features) for layer in map(prep.model.get_submodule, targets)]
+    per_rank = sum(i + o for i, o in sizes)
+    trainable = a.rank * a.rank * len(sizes) if m.layer == methods.CORE else a.rank * per_rank
+    adapter = a.rank * per_rank * (2 if m.start == methods.OFFSET else 1) + trainable  # A, B (+ offset) or A, R, B
+    checkpoint = 4 * (adapter + 2 * trainable)
+    return checkpoint * (cfg.train.keep_checkpoints + 1) + 4 * adapter * len(cfg.export.formats)
+
+
 def _inject(prep: Prepared, cfg, method: str, targets: list[str], start_file, resume_from) -> adapters.AdapterInfo:
     t, a, model = cfg.train, cfg.adapter, prep.model
     scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 
 from fluxlora import preflight
-from fluxlora.arms import check_arm, train_arm
+from fluxlora.arms import check_arm, storage_bytes, train_arm
 from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.distributed import make_accelerator, on_main
 from fluxlora.errors import USER_ERRORS, AdapterError, CheckpointError, RunError, TrainingStopped
@@ -181,6 +182,19 @@ def discard_new_group(group: GroupDir) -> None:
         group.root.rmdir()
 
 
+def check_free_space(folder: Path, need: int) -> None:
+    """Refuse a run whose checkpoints and exports (arms.storage_bytes) cannot fit on the output disk."""
+    free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    if need > free:
+        raise RunError(f"the arms' checkpoints and exports need about {_size(need)} but {folder} has "
+                       f"{_size(free)} free -> fix: free disk space, lower train.keep_checkpoints, or choose "
+                       "another output_dir")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
+
+
 def _prepared_and_checked(cfg, warn, accelerator, arms: list[str]):
     """The shared preparation and every arm's model-dependent checks (targets, formats, init_from fit);
     a user error here is RefusedBeforeTraining."""
@@ -189,8 +203,11 @@ def _prepared_and_checked(cfg, warn, accelerator, arms: list[str]):
                        evaluate=accelerator.is_main_process)
         prep.autocast = accelerator.autocast
         prep.process_index, prep.num_processes = accelerator.process_index, accelerator.num_processes
+        need = 0
         for method in arms:  # a file or target problem stops the run before any arm trains
-            check_arm(prep, arm_config(cfg, method), method)
+            targets, _ = check_arm(prep, arm_config(cfg, method), method)
+            need += storage_bytes(prep, arm_config(cfg, method), method, targets)
+        check_free_space(Path(cfg.output_dir), need)
     except USER_ERRORS as e:
         raise RefusedBeforeTraining(e) from e
     return prep

@@ -67,3 +67,17 @@ def test_model_dependent_refusals_come_before_any_arm_trains(tmp_path, tiny_flux
         run(cfg, warn=lambda m: None)
     assert not (tmp_path / "runs" / "tiny").exists()  # the refused invocation's run folder is gone again
     # (an adapter.init_from file that does not fit: tests/test_interop.py, the same guarantee)
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(tmp_path, tiny_flux, subject_dir,
+                                                                          monkeypatch):
+    import shutil
+
+    from fluxlora.errors import RunError
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))  # 10 kB left
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": ["lora", "loram"]})
+    with pytest.raises(RunError, match=r"need about [\d.]+ [km]B but .* 10 kB free -> fix: free disk space"):
+        run(cfg, warn=lambda m: None)
+    assert not (tmp_path / "runs" / "tiny").exists()
