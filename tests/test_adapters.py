@@ -101,10 +101,22 @@ def test_multi_arm_run_gives_every_arm_the_same_noise(tmp_path, tiny_flux, subje
     assert sums[0] == sums[1] == sums[2] and len(sums[0]) == 3
 
 
-def test_loram_rank_one_refused_and_other_arms_still_run(tmp_path, tiny_flux, subject_dir):
-    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": ["loram", "lora"], "rank": 1})
+def test_loram_rank_one_refused_by_the_config(tmp_path, tiny_flux, subject_dir):
+    from fluxlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adapter.rank 1 is too small for loram"):
+        tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": ["loram", "lora"], "rank": 1})
+
+
+def test_an_arm_whose_init_fails_is_reported_and_other_arms_still_run(tmp_path, tiny_flux, subject_dir,
+                                                                      monkeypatch):
+    def dead_layer(W, rank, scale, **kw):
+        raise inits.InitError("loram: var(W) is 0.0 for this layer -> fix: use init 'lora' for it")
+
+    monkeypatch.setattr(inits, "loram", dead_layer)  # the method table resolves its init at call time
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": ["loram", "lora"], "rank": 2})
     results = run(cfg, warn=lambda m: None)
-    assert "rank must be >= 2 for loram" in results[0]["error"]
+    assert "var(W) is 0.0" in results[0]["error"]
     assert "error" not in results[1]
     group = GroupDir(tmp_path / "runs" / "tiny")
     assert group.arm("loram").status()["status"] == "failed"
@@ -112,7 +124,7 @@ def test_loram_rank_one_refused_and_other_arms_still_run(tmp_path, tiny_flux, su
     from fluxlora.runner import summary_table
 
     table = summary_table(results).splitlines()
-    assert "peak MB" in table[0] and table[2].startswith("loram") and "rank must be >= 2" in table[2]
+    assert "peak MB" in table[0] and table[2].startswith("loram") and "var(W) is 0.0" in table[2]
     assert table[3].startswith("lora ") and table[3].endswith("done") and results[1]["peak_memory_mb"] > 0
 
 
