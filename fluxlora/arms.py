@@ -116,4 +116,4 @@ def _finish(prep: Prepared, cfg, arm: ArmDir, info: adapters.AdapterInfo, t_star
     except write_errors() as e:
         raise TrainingStopped(f"could not write {arm.adapter_file}: {e} -> the final checkpoint is kept; "
                               f"free disk space and run: fluxlora export {arm.root.parent}") from e
-    return train.summarize(arm, info, time.perf_counter() - t_start, prep.device)
+    return train.summarize(arm, info, time.perf_counter() - t_start, prep.device, cfg.train.lr)

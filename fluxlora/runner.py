@@ -263,16 +263,18 @@ def group_status(results: list[dict]) -> str:
 
 def summary_table(results: list[dict]) -> str:
     """The final comparison table printed by `fluxlora train`."""
-    head = (f"{'arm':<14}{'init s':>9}{'params':>12}{'final loss':>12}{'subject':>9}{'prior px':>10}"
-            f"{'peak MB':>9}{'wall s':>9}  status")
+    head = (f"{'arm':<14}{'lr':>9}{'clipped':>8}{'init s':>9}{'params':>12}{'final loss':>12}{'subject':>9}"
+            f"{'prior px':>10}{'peak MB':>9}{'wall s':>9}  status")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['arm']:<14}{'':>67}  failed: {r['error'][:110]}")
+            lines.append(f"{r['arm']:<14}{'':>84}  failed: {r['error'][:110]}")
             continue
-        loss, m = r.get("final_loss"), r.get("final_metrics") or {}
+        loss, m, clip = r.get("final_loss"), r.get("final_metrics") or {}, r.get("clip_fraction")
         fid, drift = m.get("subject_fidelity"), m.get("prior_drift_px")
-        lines.append(f"{r['arm']:<14}{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}"
+        lr = f"{r['lr']:.1e}" if r.get("lr") is not None else "-"
+        lines.append(f"{r['arm']:<14}{lr:>9}{'-' if clip is None else f'{clip:.0%}':>8}"
+                     f"{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}"
                      f"{'-' if loss is None else f'{loss:.5f}':>12}{'-' if fid is None else f'{fid:.3f}':>9}"
                      f"{'-' if drift is None else f'{drift:.2f}':>10}{r.get('peak_memory_mb', 0):>9.0f}"
                      f"{r['wall_seconds']:>9.1f}  done")

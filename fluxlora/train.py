@@ -243,7 +243,8 @@ def train_loop(prep: Prepared, t, s, arm: ArmDir, info: adapters.AdapterInfo, re
                 done = step + 1
             if done % t.log_every == 0 or done == t.steps:
                 log({"step": done, "loss": loss_total, "lr": lr_scheduler.get_last_lr()[0],
-                                 "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0,
+                     "grad_norm": float(grad_norm), "clipped": clipped(grad_norm, t.max_grad_norm),
+                     "step_time": time.perf_counter() - t0,
                                  "time": time.time(), **rec})
             bar.set_postfix(loss=f"{loss_total:.4f}")
             if due(done, s.every, t.steps):
@@ -278,11 +279,20 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
-def summarize(arm: ArmDir, info: adapters.AdapterInfo, wall: float, device: torch.device) -> dict:
+def clipped(grad_norm, max_norm: float | None) -> bool:
+    """Whether clip_grad_norm_ scaled this step's gradient down (its norm was above train.max_grad_norm)."""
+    return max_norm is not None and float(grad_norm) > max_norm
+
+
+def summarize(arm: ArmDir, info: adapters.AdapterInfo, wall: float, device: torch.device, lr: float) -> dict:
+    """The arm's summary; ``clip_fraction``: the share of its logged steps whose gradient was clipped (an arm
+    clipped often trains at a smaller effective step than its lr says)."""
     records = arm.metrics()
     peak, kind = peak_memory_mb(device)
+    flags = [r["clipped"] for r in records if "clipped" in r]
     return {"arm": arm.name, "method": info.method, "init_seconds": info.init_seconds,
-            "trainable_params": info.trainable_params, "wall_seconds": wall,
+            "trainable_params": info.trainable_params, "wall_seconds": wall, "lr": lr,
+            "clip_fraction": sum(flags) / len(flags) if flags else None,
             "peak_memory_mb": peak, "peak_memory_kind": kind,
             "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
             "final_metrics": next((r for r in reversed(records) if "subject_fidelity" in r), {})}

@@ -126,6 +126,8 @@ def test_an_arm_whose_init_fails_is_reported_and_other_arms_still_run(tmp_path, 
     table = summary_table(results).splitlines()
     assert "peak MB" in table[0] and table[2].startswith("loram") and "var(W) is 0.0" in table[2]
     assert table[3].startswith("lora ") and table[3].endswith("done") and results[1]["peak_memory_mb"] > 0
+    assert results[1]["lr"] == cfg.train.lr and 0.0 <= results[1]["clip_fraction"] <= 1.0
+    assert f"{cfg.train.lr:.1e}" in table[3] and "lr" in table[0] and "clipped" in table[0]
 
 
 def test_per_arm_overrides(tmp_path, tiny_flux, subject_dir):

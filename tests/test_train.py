@@ -239,3 +239,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, tiny_flux, subje
     b = load_file(str(arm.adapter_file))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_clip_fraction_counts_the_steps_whose_gradient_was_clipped(tmp_path, tiny_flux, subject_dir):
+    """Per step `clipped` in metrics.jsonl (grad_norm above train.max_grad_norm) and its share in the summary:
+    an arm clipped on most steps trains at a smaller effective step than its lr says."""
+    import fluxlora.train as T
+
+    assert T.clipped(torch.tensor(2.0), 1.0) and not T.clipped(torch.tensor(0.5), 1.0) and not T.clipped(9.0, None)
+    tight = tiny_config(tmp_path, tiny_flux, subject_dir, name="tight", train={"steps": 3, "max_grad_norm": 1e-6})
+    loose = tiny_config(tmp_path, tiny_flux, subject_dir, name="loose", train={"steps": 3, "max_grad_norm": None})
+    assert run(tight, warn=lambda m: None)[0]["clip_fraction"] == 1.0
+    assert run(loose, warn=lambda m: None)[0]["clip_fraction"] == 0.0
+    records = [r for r in GroupDir(tmp_path / "runs" / "tight").arm("lora").metrics() if "loss" in r]
+    assert [r["clipped"] for r in records] == [True, True, True]

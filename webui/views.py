@@ -15,8 +15,9 @@ import pandas as pd
 from fluxlora.rundir import ArmDir, GroupDir, list_groups, read_json, step_name
 
 LOSS_SMOOTHING = 0.9  # exponential moving average factor of the displayed loss curve
-FACT_COLUMNS = ["arm", "method", "rank", "scale", "trainable params", "init s", "steps/s", "peak MB", "status"]
-METRIC_SKIP = {"step", "time", "loss", "lr", "grad_norm", "step_time", "sigma_sum", "noise_sum"}
+FACT_COLUMNS = ["arm", "method", "rank", "scale", "lr", "clipped", "trainable params", "init s", "steps/s",
+                "peak MB", "status"]
+METRIC_SKIP = {"step", "time", "loss", "lr", "grad_norm", "clipped", "step_time", "sigma_sum", "noise_sum"}
 
 
 def group_progress(group: GroupDir) -> tuple[str, int, int]:
@@ -142,7 +143,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def facts_table(group: GroupDir) -> pd.DataFrame:
-    """Per arm: init method, scaling, rank, trainable params, init time, steps/s, peak memory, status."""
+    """Per arm: init method, rank, scale, lr, share of clipped steps, trainable params, init time, steps/s,
+    peak memory, status."""
     rows = []
     for arm in group.arms():
         init = read_json(arm.init_file, {}) or {}
@@ -151,6 +153,7 @@ def facts_table(group: GroupDir) -> pd.DataFrame:
         rows.append({
             "arm": arm.name, "method": init.get("method", st.get("method", arm.name)),
             "rank": init.get("rank", "-"), "scale": _fmt(init.get("scale"), ".4g"),
+            "lr": _fmt(summary.get("lr"), ".1e"), "clipped": _fmt(summary.get("clip_fraction"), ".0%"),
             "trainable params": _fmt(init.get("trainable_params"), ","),
             "init s": _fmt(init.get("init_seconds"), ".3f"), "steps/s": _fmt(_steps_per_second(arm), ".2f"),
             "peak MB": _fmt(summary.get("peak_memory_mb"), ".0f"),
