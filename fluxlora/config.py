@@ -64,6 +64,12 @@ class DataConfig(Section):
     center_crop: bool = Field(True, description="centre crop (else random crop)")
     random_flip: bool = Field(False, description="also train on mirrored images")
     repeats: int = Field(1, ge=1, description="each image appears this many times per epoch (shuffled together)")
+    caption_dropout: Float = Field(0.0, ge=0, lt=1, description="probability that a training row uses the empty "
+                                   "caption (the unconditional input) instead of its own")
+    shuffle_tags: bool = Field(False, description="shuffle the comma-separated tags of each caption per step")
+    keep_tokens: int = Field(0, ge=0, description="with shuffle_tags: the first N tags stay in place (the trigger)")
+    tag_variants: int = Field(8, ge=2, le=64, description="with shuffle_tags: shuffled orders cached per caption "
+                              "(text embeddings are encoded once, never per step)")
     recursive: bool = Field(False, description="also use the images in sub-folders of instance_dir (captions "
                             "beside each image)")
     class_dir: str | None = Field(None, description="prior-preservation class images")

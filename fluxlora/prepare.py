@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fluxlora import data, families, metrics, modelpath
+from fluxlora import captions, data, families, metrics, modelpath
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import on_device
 
@@ -21,8 +21,10 @@ from fluxlora.families.pipeline import on_device
 @dataclass
 class Cache:
     latents: torch.Tensor  # [N, V, C, h, w], V = 2 with flip variants else 1
-    caption_idx: torch.Tensor  # [N] index into the prompt table
+    caption_idx: torch.Tensor  # [N, K] indices into the prompt table: each image's K caption variants
     repeats: int = 1  # times each image appears in an epoch (data.repeats)
+    dropout: float = 0.0  # data.caption_dropout
+    empty: int | None = None  # index of the empty caption (dropout)
 
 
 @dataclass
@@ -100,17 +102,17 @@ def avoid_cudnn_attention(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def _caches(cfg, family, pipe, device, samples, classes, index) -> tuple[Cache, Cache | None]:
+def _caches(cfg, family, pipe, device, samples, classes, table: captions.CaptionTable) -> tuple[Cache, Cache | None]:
     """VAE latents of the instance and class images (the VAE visits the accelerator for this only)."""
     d = cfg.data
-
-    def cache(items: list[data.Sample], seed: int, repeats: int) -> Cache:
-        lat = encode_folder(family, pipe, items, d.resolution, d.center_crop, d.random_flip, seed)
-        return Cache(lat, torch.tensor([index[s.caption] for s in items]), repeats)
-
     with on_device(device, pipe.vae):
-        instance = cache(samples, cfg.train.seed, d.repeats)
-        prior = cache(classes, cfg.train.seed + 1, 1) if classes else None
+        lat = encode_folder(family, pipe, samples, d.resolution, d.center_crop, d.random_flip, cfg.train.seed)
+        instance = Cache(lat, torch.tensor([table.rows[s.caption] for s in samples]), d.repeats,
+                         d.caption_dropout, table.empty)
+        prior = None
+        if classes:  # class images keep their caption as written (no shuffling, no dropout)
+            plat = encode_folder(family, pipe, classes, d.resolution, d.center_crop, d.random_flip, cfg.train.seed + 1)
+            prior = Cache(plat, torch.tensor([table.rows[s.caption][:1] for s in classes]))
     return instance, prior
 
 
@@ -128,12 +130,14 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     max_len = modelpath.max_sequence_length(family, m.path, m.max_sequence_length)
     classes = class_samples(cfg, family, pipe, device, max_len, main_first, warn)
     sample_prompts = cfg.sample.prompts or [cfg.data.instance_prompt or samples[0].caption]
-    table = sorted({s.caption for s in samples + classes})
+    d = cfg.data
+    table = captions.build([s.caption for s in samples], d.shuffle_tags, d.tag_variants, d.keep_tokens,
+                           d.caption_dropout, cfg.train.seed, fixed=[s.caption for s in classes])
     with on_device(device, *family.text_encoders(pipe)):
-        text = family.encode_prompts(pipe, table, max_len)
+        text = family.encode_prompts(pipe, table.texts, max_len)  # every variant once: never per step
         sample_cond = family.encode_prompts(pipe, sample_prompts, max_len)
         negative = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
-    instance, prior = _caches(cfg, family, pipe, device, samples, classes, {c: i for i, c in enumerate(table)})
+    instance, prior = _caches(cfg, family, pipe, device, samples, classes, table)
     model = family.denoiser(pipe)
     model.to(device)  # the encoders are back on the CPU: the loop needs only the denoiser
     evaluator = None

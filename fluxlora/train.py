@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, checkpoint, distributed, gradients, sampling, signals
+from fluxlora import adapters, captions, checkpoint, distributed, gradients, sampling, signals
 from fluxlora.errors import CheckpointError, TrainingStopped, write_errors
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
@@ -65,8 +65,9 @@ def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
 
 
 def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of micro-batch ``micro`` in the endless sequence of epochs; flip view drawn from ``gen``. An
-    epoch holds every image ``cache.repeats`` times, shuffled together (data.repeats)."""
+    """Rows of micro-batch ``micro`` in the endless sequence of epochs; flip view, caption variant and caption
+    dropout drawn from ``gen`` (the last two only when on). An epoch holds every image ``cache.repeats`` times,
+    shuffled together (data.repeats)."""
     n = cache.latents.shape[0]
     size = n * cache.repeats
     rows = []
@@ -74,7 +75,7 @@ def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator) ->
         rows.append(int(epoch_order(size, k // size, seed)[k % size]) % n)
     rows = torch.tensor(rows)
     view = torch.randint(0, cache.latents.shape[1], (batch_size,), generator=gen)
-    return cache.latents[rows, view], cache.caption_idx[rows]
+    return cache.latents[rows, view], captions.pick(cache.caption_idx, rows, cache.dropout, cache.empty, gen)
 
 
 def make_batch(prep: Prepared, micro: int, batch_size: int, seed: int, gen: torch.Generator) -> Batch:

@@ -123,7 +123,7 @@ def test_data_repeats_puts_each_image_r_times_in_an_epoch():
     from fluxlora.train import epoch_order, pick
 
     n, r = 5, 3
-    cache = Cache(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1, 1), torch.arange(n), repeats=r)
+    cache = Cache(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1, 1), torch.arange(n)[:, None], repeats=r)
     gen = torch.Generator().manual_seed(0)
     epoch = [int(pick(cache, k, 1, 7, gen)[1]) for k in range(n * r)]
     assert sorted(epoch) == sorted(list(range(n)) * r)  # every image exactly r times
