@@ -70,6 +70,10 @@ class DataConfig(Section):
     keep_tokens: int = Field(0, ge=0, description="with shuffle_tags: the first N tags stay in place (the trigger)")
     tag_variants: int = Field(8, ge=2, le=64, description="with shuffle_tags: shuffled orders cached per caption "
                               "(text embeddings are encoded once, never per step)")
+    alpha_mask: bool = Field(False, description="use each image's alpha channel as its loss mask (a photo.mask.png "
+                             "beside the image is used either way, and wins)")
+    mask_background_weight: Float = Field(0.0, ge=0, le=1, description="loss weight of the pixels a mask marks "
+                                          "as not the subject (0: ignored; 1: no masking)")
     recursive: bool = Field(False, description="also use the images in sub-folders of instance_dir (captions "
                             "beside each image)")
     class_dir: str | None = Field(None, description="prior-preservation class images")

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fluxlora.datafiles import EXT_FORMATS, IMAGE_EXTS, list_folder, same_format
+from fluxlora import masks
 from fluxlora.errors import DataError
 
 # Refuse images above this many pixels before decoding them (64 MPix of RGB is ~200 MB decoded). Lower
@@ -44,6 +45,7 @@ class Sample:
     path: Path
     image: Image.Image  # RGB, EXIF orientation applied
     caption: str
+    mask: Image.Image | None = None  # L, the image's size: white = subject (masks.py)
 
 
 
@@ -276,7 +278,7 @@ def _listed(items: list[str]) -> str:
     return shown + (f", ... and {extra} more" if extra > 0 else "")
 
 
-def _scan(folder: str | Path, default_prompt: str | None, min_size: int, recursive: bool):
+def _scan(folder: str | Path, default_prompt: str | None, min_size: int, recursive: bool, alpha_mask: bool = False):
     """(samples, warning lines, every file not used)."""
     root = _check_folder(folder)
     # A blank instance prompt is no prompt: it must not silently become the caption of every image.
@@ -298,54 +300,80 @@ def _scan(folder: str | Path, default_prompt: str | None, min_size: int, recursi
     if missing:
         raise DataError(f"images without a usable caption in {root}: {_listed(missing)} -> fix: add a .txt "
                         "caption beside each image (photo.png -> photo.txt) or set data.instance_prompt")
+    samples, mask_lines = _attach_masks(samples, listing.masks, alpha_mask)
     orphans = [f"{p}: caption without image, ignored" for p in listing.orphans]
     skipped = [p for p, _ in listing.skipped] + bad + dups
-    return samples, listed + lines + dup_lines + caption_lines + orphans, skipped
+    return samples, listed + lines + dup_lines + caption_lines + mask_lines + orphans, skipped
+
+
+def _attach_masks(samples: list[Sample], mask_files: dict[Path, Path], alpha: bool) -> tuple[list[Sample], list[str]]:
+    out, lines = [], []
+    for s in samples:
+        mask, problem = masks.load(s.path, mask_files.get(s.path.with_suffix("")), alpha, s.image.size)
+        out.append(Sample(s.path, s.image, s.caption, mask) if mask is not None else s)
+        lines += [problem] if problem else []
+    return out, lines
 
 
 def scan_folder(folder: str | Path, default_prompt: str | None, *, min_size: int = 32,
-                recursive: bool = False) -> tuple[list[Sample], list[str]]:
+                recursive: bool = False, alpha_mask: bool = False) -> tuple[list[Sample], list[str]]:
     """Open and fully check every image in ``folder`` (and its sub-folders with ``recursive``); returns
     (samples, warning lines). Every file is used, used with a note, or named in a line saying why not."""
-    samples, lines, _ = _scan(folder, default_prompt, min_size, recursive)
+    samples, lines, _ = _scan(folder, default_prompt, min_size, recursive, alpha_mask)
     return samples, lines
 
 
 def load_samples(folder: str | Path, default_prompt: str | None, *, min_size: int = 32, recursive: bool = False,
-                 warn: Callable[[str], object] = print) -> list[Sample]:
+                 alpha_mask: bool = False, warn: Callable[[str], object] = print) -> list[Sample]:
     """scan_folder, reporting each warning line through ``warn``, then "N images used, K skipped"."""
-    samples, lines, skipped = _scan(folder, default_prompt, min_size, recursive)
+    samples, lines, skipped = _scan(folder, default_prompt, min_size, recursive, alpha_mask)
     for line in lines:
         warn(line)
     names = f": {_listed([p.name for p in skipped])}" if skipped else ""
-    warn(f"{folder}: {len(samples)} images used, {len(skipped)} skipped{names}")
+    masked = sum(s.mask is not None for s in samples)
+    warn(f"{folder}: {len(samples)} images used, {len(skipped)} skipped{names}"
+         + (f"; {masked} with a loss mask" if masked else ""))
     return samples
 
 
-def prepare_image(img: Image.Image, resolution: int, *, center_crop: bool = True,
-                  rng: random.Random | None = None) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, crop a square; float32 [3, res, res] in [-1, 1].
-
-    With ``center_crop=False`` the crop offset comes from ``rng`` (the global ``random`` module when None,
-    so the trainer's seeding still applies).
-    """
+def _fit(size: tuple[int, int], resolution: int, center_crop: bool, rng) -> tuple[tuple[int, int], tuple]:
+    """(resized size, crop box): the shorter side to ``resolution``, then a square, centred or at an offset
+    drawn from ``rng`` (the global ``random`` module when None, so the trainer's seeding still applies)."""
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    img = img if img.mode == "RGB" else img.convert("RGB")
-    w, h = img.size
+    w, h = size
     scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != (w, h):
-        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    new = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    spare_x, spare_y = new[0] - resolution, new[1] - resolution
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         source = rng if rng is not None else random
         left, top = source.randint(0, spare_x), source.randint(0, spare_y)
-    img = img.crop((left, top, left + resolution, top + resolution))
-    arr = np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32) / 127.5 - 1.0
+    return new, (left, top, left + resolution, top + resolution)
+
+
+def prepare_image(img: Image.Image, resolution: int, *, center_crop: bool = True,
+                  rng: random.Random | None = None) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, crop a square; float32 [3, res, res] in [-1, 1]."""
+    return prepare_pair(img, None, resolution, center_crop=center_crop, rng=rng)[0]
+
+
+def prepare_pair(img: Image.Image, mask: Image.Image | None, resolution: int, *, center_crop: bool = True,
+                 rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """prepare_image, and the image's mask cut with the same resize and crop ([1, res, res] in [0, 1])."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    size, box = _fit(img.size, resolution, center_crop, rng)
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    arr = np.array(img.crop(box), dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+    pix = torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32) / 127.5 - 1.0
+    if mask is None:
+        return pix, None
+    if size != mask.size:  # area average when shrinking, so thin structures keep their share
+        shrink = size[0] < mask.size[0]
+        mask = mask.resize(size, Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    return pix, masks.to_tensor(mask.crop(box))
 
 
 def hflip(t: torch.Tensor) -> torch.Tensor:

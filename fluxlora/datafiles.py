@@ -22,6 +22,7 @@ EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", 
 IMAGE_EXTS = tuple(EXT_FORMATS)
 READABLE_FORMATS = set(EXT_FORMATS.values()) | {"MPO"}
 CAPTION_EXT = ".txt"
+MASK_TAG = ".mask"  # photo.mask.png is the loss mask of photo.<ext> (masks.py)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Listing:
     notes: dict[Path, str] = field(default_factory=dict)  # per image: why it is used despite its name
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     orphans: list[Path] = field(default_factory=list)  # captions without an image
+    masks: dict[Path, Path] = field(default_factory=dict)  # image path without suffix -> its mask file
 
 
 def same_format(found: str | None, suffix: str) -> bool:
@@ -71,6 +73,9 @@ def _add_file(out: Listing, path: Path) -> None:
         if key not in out.captions or path.suffix == CAPTION_EXT:
             out.captions[key] = path
         return
+    if suffix in EXT_FORMATS and path.stem.lower().endswith(MASK_TAG):  # photo.mask.png: photo's mask
+        out.masks[path.with_name(path.stem[:-len(MASK_TAG)])] = path
+        return
     if suffix in EXT_FORMATS:
         out.images.append(path)
         return
@@ -104,4 +109,8 @@ def list_folder(root: Path, recursive: bool = False) -> Listing:
     out.images.sort(key=lambda p: p.relative_to(root).as_posix())
     stems = {p.with_suffix("") for p in out.images}
     out.orphans = [cap for key, cap in sorted(out.captions.items()) if key not in stems]
+    for key, mask in sorted(out.masks.items()):
+        if key not in stems:
+            out.skipped.append((mask, "mask without an image (photo.mask.png needs photo.<ext> beside it)"))
+    out.masks = {k: v for k, v in out.masks.items() if k in stems}
     return out

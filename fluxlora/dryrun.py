@@ -50,7 +50,8 @@ def dry_run(cfg, resume: bool, dump: str | None, say=print) -> int:
     preflight.check(cfg)  # data, paths, output folder, init_from, method data checks: all at once
     root = _check_run_folder(cfg, resume)
     d = cfg.data
-    samples = data.load_samples(d.instance_dir, d.instance_prompt, recursive=d.recursive, warn=say)
+    samples = data.load_samples(d.instance_dir, d.instance_prompt, recursive=d.recursive, alpha_mask=d.alpha_mask,
+                                warn=say)
     say(f"{len(samples)} training images (data.repeats {d.repeats}, resolution {d.resolution}):")
     for s in samples:
         say(f"  {s.path}  {s.image.size[0]}x{s.image.size[1]}  {json.dumps(s.caption)}")

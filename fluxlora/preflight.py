@@ -18,7 +18,7 @@ def _data_problems(cfg: RunConfig) -> tuple[list[Problem], int]:
     out, images = [], 0
     try:
         images = len(data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt,
-                                      recursive=cfg.data.recursive)[0])
+                                      recursive=cfg.data.recursive, alpha_mask=cfg.data.alpha_mask)[0])
     except data.DataError as e:
         message, _, fix = str(e).rpartition("-> fix: ")  # DataError messages carry their own fix
         out.append(Problem("data.instance_dir", repr(cfg.data.instance_dir), message.strip() or str(e),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fluxlora import captions, data, families, metrics, modelpath
+from fluxlora import captions, data, families, masks, metrics, modelpath
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import on_device
 
@@ -25,6 +25,8 @@ class Cache:
     repeats: int = 1  # times each image appears in an epoch (data.repeats)
     dropout: float = 0.0  # data.caption_dropout
     empty: int | None = None  # index of the empty caption (dropout)
+    masks: torch.Tensor | None = None  # [N, V, 1, h, w] latent-grid loss masks (masks.py), None: no image has one
+    background_weight: float = 0.0  # data.mask_background_weight
 
 
 @dataclass
@@ -56,13 +58,26 @@ class Prepared:
 def encode_folder(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool,
                   flip: bool, seed: int) -> torch.Tensor:
     """Latents [N, V, C, h, w] of prepared images (random crops drawn once, from the seed)."""
-    rng = random.Random(seed)
-    out = []
+    return encode_with_masks(family, pipe, samples, resolution, center_crop, flip, seed)[0]
+
+
+def encode_with_masks(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool, flip: bool,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents [N, V, C, h, w], and when any image has a loss mask the masks cut like their images and
+    averaged onto the latent grid [N, V, 1, h, w] (ones for images without one); else None."""
+    rng, out, cut = random.Random(seed), [], []
+    any_mask = any(s.mask is not None for s in samples)
     for s in samples:
-        pix = data.prepare_image(s.image, resolution, center_crop=center_crop, rng=rng)
+        pix, mask = data.prepare_pair(s.image, s.mask, resolution, center_crop=center_crop, rng=rng)
         views = torch.stack([pix, data.hflip(pix)]) if flip else pix[None]
         out.append(family.encode_images(pipe, views))
-    return torch.stack(out)
+        if any_mask:
+            mask = mask if mask is not None else torch.ones(1, resolution, resolution)
+            cut.append(torch.stack([mask, mask.flip(-1)]) if flip else mask[None])
+    latents = torch.stack(out)
+    if not any_mask:
+        return latents, None
+    return latents, masks.to_latent_grid(torch.stack(cut), *latents.shape[-2:])
 
 
 def generate_class_images(family, pipe, folder: Path, embeds, first: int, count: int, resolution: int,
@@ -106,9 +121,10 @@ def _caches(cfg, family, pipe, device, samples, classes, table: captions.Caption
     """VAE latents of the instance and class images (the VAE visits the accelerator for this only)."""
     d = cfg.data
     with on_device(device, pipe.vae):
-        lat = encode_folder(family, pipe, samples, d.resolution, d.center_crop, d.random_flip, cfg.train.seed)
+        lat, cut = encode_with_masks(family, pipe, samples, d.resolution, d.center_crop, d.random_flip,
+                                     cfg.train.seed)
         instance = Cache(lat, torch.tensor([table.rows[s.caption] for s in samples]), d.repeats,
-                         d.caption_dropout, table.empty)
+                         d.caption_dropout, table.empty, cut, d.mask_background_weight)
         prior = None
         if classes:  # class images keep their caption as written (no shuffling, no dropout)
             plat = encode_folder(family, pipe, classes, d.resolution, d.center_crop, d.random_flip, cfg.train.seed + 1)
@@ -122,7 +138,8 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     once); ``evaluate``: build the toy evaluator (only the main process logs metrics)."""
     avoid_cudnn_attention(device)
     family = families.get(cfg.model.family)
-    samples = data.load_samples(cfg.data.instance_dir, cfg.data.instance_prompt, recursive=cfg.data.recursive,
+    d = cfg.data
+    samples = data.load_samples(d.instance_dir, d.instance_prompt, recursive=d.recursive, alpha_mask=d.alpha_mask,
                                 warn=warn)
     m = cfg.model
     pipe = modelpath.load_base(family, m.path, m.dtype, m.revision, m.quantize)
@@ -130,7 +147,6 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     max_len = modelpath.max_sequence_length(family, m.path, m.max_sequence_length)
     classes = class_samples(cfg, family, pipe, device, max_len, main_first, warn)
     sample_prompts = cfg.sample.prompts or [cfg.data.instance_prompt or samples[0].caption]
-    d = cfg.data
     table = captions.build([s.caption for s in samples], d.shuffle_tags, d.tag_variants, d.keep_tokens,
                            d.caption_dropout, cfg.train.seed, fixed=[s.caption for s in classes])
     with on_device(device, *family.text_encoders(pipe)):

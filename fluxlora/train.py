@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, captions, checkpoint, distributed, gradients, sampling, signals
+from fluxlora import adapters, captions, checkpoint, distributed, gradients, masks, sampling, signals
 from fluxlora.errors import CheckpointError, TrainingStopped, write_errors
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
@@ -56,6 +56,7 @@ class Batch:
     cond: Cond  # the family's text conditioning of these rows
     latent_hw: tuple[int, int]  # the latents' (h, w) before packing
     n_instance: int  # the first n rows are instance images, the rest prior-preservation images
+    weights: torch.Tensor | None = None  # per-element loss weights in x0's layout (masked loss), None: uniform
 
 
 @functools.lru_cache(maxsize=4)
@@ -64,7 +65,7 @@ def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator):
     """Rows of micro-batch ``micro`` in the endless sequence of epochs; flip view, caption variant and caption
     dropout drawn from ``gen`` (the last two only when on). An epoch holds every image ``cache.repeats`` times,
     shuffled together (data.repeats)."""
@@ -75,16 +76,22 @@ def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator) ->
         rows.append(int(epoch_order(size, k // size, seed)[k % size]) % n)
     rows = torch.tensor(rows)
     view = torch.randint(0, cache.latents.shape[1], (batch_size,), generator=gen)
-    return cache.latents[rows, view], captions.pick(cache.caption_idx, rows, cache.dropout, cache.empty, gen)
+    mask = cache.masks[rows, view] if cache.masks is not None else None
+    return cache.latents[rows, view], captions.pick(cache.caption_idx, rows, cache.dropout, cache.empty, gen), mask
 
 
 def make_batch(prep: Prepared, micro: int, batch_size: int, seed: int, gen: torch.Generator) -> Batch:
-    lat, cap = pick(prep.instance, micro, batch_size, seed, gen)
+    lat, cap, mask = pick(prep.instance, micro, batch_size, seed, gen)
     n = lat.shape[0]
     if prep.prior is not None:
-        plat, pcap = pick(prep.prior, micro, batch_size, seed + 1, gen)
+        plat, pcap, _ = pick(prep.prior, micro, batch_size, seed + 1, gen)
         lat, cap = torch.cat([lat, plat]), torch.cat([cap, pcap])
-    return Batch(prep.family.pack(lat).to(prep.device), prep.text.select(cap), tuple(lat.shape[-2:]), n)
+        mask = torch.cat([mask, torch.ones_like(mask[:1]).expand(len(plat), -1, -1, -1)]) if mask is not None else None
+    weights = None
+    if mask is not None:  # class images are not masked
+        w = masks.element_weights(mask, lat.shape[1], prep.instance.background_weight)
+        weights = prep.family.pack(w.contiguous()).to(prep.device)
+    return Batch(prep.family.pack(lat).to(prep.device), prep.text.select(cap), tuple(lat.shape[-2:]), n, weights)
 
 
 def loss_step(prep: Prepared, model, batch: Batch, gen: torch.Generator, t, prior_weight: float):
@@ -98,14 +105,16 @@ def loss_step(prep: Prepared, model, batch: Batch, gen: torch.Generator, t, prio
     n = batch.n_instance
     if prep.num_processes > 1:  # every process drew the whole global batch; it computes its own share
         rows = distributed.share(n, b, prep.process_index, prep.num_processes)
-        batch = Batch(batch.x0[rows], batch.cond.select(rows), batch.latent_hw, n // prep.num_processes)
+        weights = batch.weights[rows] if batch.weights is not None else None
+        batch = Batch(batch.x0[rows], batch.cond.select(rows), batch.latent_hw, n // prep.num_processes, weights)
         sigmas, noise, n, b = sigmas[rows], noise[rows], batch.n_instance, len(rows)
     sigmas = sigmas.to(batch.x0.device)
     xt, target = fam.noisy(batch.x0, noise, sigmas)
     cond = fam.condition(batch.cond, batch.latent_hw, t.guidance).to(batch.x0.device, prep.dtype)
     with prep.autocast():
         pred = fam.predict(model, xt.to(prep.dtype), sigmas, cond)
-    per = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    err = (pred.float() - target.float()) ** 2
+    per = err.mean(dim=tuple(range(1, pred.dim()))) if batch.weights is None else masks.weighted_mean(err, batch.weights)
     per = per * fam.loss_weights(t.loss_weighting, sigmas).float()
     loss = per[:n].mean()
     if n < b:
