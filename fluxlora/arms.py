@@ -51,11 +51,12 @@ def storage_bytes(prep: Prepared, cfg, method: str, targets: list[str]) -> int:
     export files (each the exact delta, at most the adapter's size). Samples are small and not counted."""
     m, a = methods.get(method), cfg.adapter
     sizes = [(layer.in_features, layer.out_features) for layer in map(prep.model.get_submodule, targets)]
-    per_rank = sum(i + o for i, o in sizes)
+    per_rank = sum(i + o for i, o in sizes)  # A and B of one rank unit, over all targets
     trainable = a.rank * a.rank * len(sizes) if m.layer == methods.CORE else a.rank * per_rank
-    adapter = a.rank * per_rank * (2 if m.start == methods.OFFSET else 1) + trainable  # A, B (+ offset) or A, R, B
-    checkpoint = 4 * (adapter + 2 * trainable)
-    return checkpoint * (cfg.train.keep_checkpoints + 1) + 4 * adapter * len(cfg.export.formats)
+    frozen = a.rank * per_rank if (m.layer == methods.CORE or m.start == methods.OFFSET) else 0  # A, B or offset
+    checkpoint = 4 * (frozen + trainable + 2 * trainable)  # the adapter, then AdamW's two moments
+    export = 4 * a.rank * per_rank * (2 if m.start == methods.OFFSET else 1)  # rank 2r with an offset
+    return checkpoint * (cfg.train.keep_checkpoints + 1) + export * len(cfg.export.formats)
 
 
 def _inject(prep: Prepared, cfg, method: str, targets: list[str], start_file, resume_from) -> adapters.AdapterInfo:

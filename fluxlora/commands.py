@@ -61,6 +61,12 @@ def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = No
     unknown = [a for a in arms or [] if a not in cfg.adapter.arms]
     if unknown:
         raise RunError(f"{run_dir} has no arm {unknown[0]!r} -> fix: choose from {', '.join(cfg.adapter.arms)}")
+    from fluxlora.formats import for_family
+
+    allowed = for_family(cfg.model.family)
+    if formats and (bad := [f for f in formats if f not in allowed]):
+        raise RunError(f"--format {bad[0]} is not available for the {cfg.model.family} family of {run_dir} -> fix: "
+                       f"use {' or '.join(allowed)}")
     family = families.get(cfg.model.family)
     m = cfg.model
     model = family.denoiser(modelpath.load_base(family, m.path, m.dtype, m.revision, m.quantize))

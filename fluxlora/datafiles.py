@@ -67,6 +67,9 @@ def _entries(folder: Path) -> list[Path]:
 
 def _add_file(out: Listing, path: Path) -> None:
     suffix = path.suffix.lower()
+    if suffix == CAPTION_EXT and _kind(path) != "file":  # a FIFO named like a caption must never be read
+        out.skipped.append((path, "not a regular file (device, FIFO, socket or broken link)"))
+        return
     if suffix == CAPTION_EXT:
         key = path.with_suffix("")
         # An exact ".txt" wins over "FOO.TXT" when a case-sensitive file system holds both.
@@ -79,8 +82,11 @@ def _add_file(out: Listing, path: Path) -> None:
     if suffix in EXT_FORMATS:
         out.images.append(path)
         return
-    found = sniff(path) if _kind(path) == "file" else None
-    if found in READABLE_FORMATS:
+    kind = _kind(path)
+    found = sniff(path) if kind == "file" else None
+    if kind == "other":
+        out.skipped.append((path, "not a regular file (device, FIFO or socket)"))
+    elif found in READABLE_FORMATS:
         out.images.append(path)
         out.notes[path] = f"content is {found}, extension {path.suffix or '(none)'} says otherwise; used"
     else:
@@ -88,13 +94,19 @@ def _add_file(out: Listing, path: Path) -> None:
         out.skipped.append((path, f"not a supported image ({what}; readable: {', '.join(IMAGE_EXTS)})"))
 
 
-def _walk(out: Listing, folder: Path, recursive: bool) -> None:
+def _walk(out: Listing, folder: Path, recursive: bool, seen: set | None = None) -> None:
+    seen = set() if seen is None else seen
+    st = folder.stat()
+    seen.add((st.st_dev, st.st_ino))  # a directory reached twice (symlink loop) is scanned once
     for path in _entries(folder):
         if path.name.startswith("."):
             out.skipped.append((path, "hidden file (name starts with '.'; e.g. macOS ._ copies, .DS_Store)"))
         elif _kind(path) == "dir":
-            if recursive:
-                _walk(out, path, recursive)
+            st = path.stat()
+            if recursive and (st.st_dev, st.st_ino) in seen:
+                out.skipped.append((path, "a folder already scanned (symlink loop), not scanned again"))
+            elif recursive:
+                _walk(out, path, recursive, seen)
             else:
                 out.skipped.append((path, "sub-folder (a directory), not scanned -> fix: set data.recursive=true "
                                           "to use the images in it, or move them up"))

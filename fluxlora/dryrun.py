@@ -60,7 +60,11 @@ def dry_run(cfg, resume: bool, dump: str | None, say=print) -> int:
         say(f"class images: {have} in {d.class_dir or '(generated into the run folder)'}, up to "
             f"{d.num_class_images} generated, caption {json.dumps(d.class_prompt)}")
     if dump:
-        n = dump_dataset(samples, Path(dump), d.resolution, d.center_crop, d.random_flip, cfg.train.seed)
+        try:
+            n = dump_dataset(samples, Path(dump), d.resolution, d.center_crop, d.random_flip, cfg.train.seed)
+        except OSError as e:
+            raise RunError(f"could not write --dump-dataset {dump}: {e.strerror or e} -> fix: give a writable "
+                           "folder") from e
         say(f"wrote {n} preprocessed images with captions and manifest.json to {dump}")
     say(f"arms: {', '.join(cfg.adapter.arms)}; run folder: {root}")
     say("dry run: every check that needs no model passed; target names, layer shapes and an init_from file's "

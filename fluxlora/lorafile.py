@@ -71,7 +71,7 @@ def file_format(state: dict) -> Format:
 
 def _peft_scale(metadata: dict) -> float | None:
     config = json.loads(metadata.get(PEFT_META, "{}") or "{}")
-    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    config = {k.removeprefix("transformer.").removeprefix("unet."): v for k, v in config.items()}
     if not config:
         return None
     if config.get("rank_pattern") or config.get("alpha_pattern"):
@@ -86,7 +86,7 @@ def read_peft(state, metadata, out_features, hint=None) -> dict[str, tuple[torch
     config_scale = _peft_scale(metadata)
     modules = {}
     for key in state:
-        m = re.fullmatch(r"(?:transformer\.)?(.+)\.lora_([AB])\.weight", key)
+        m = re.fullmatch(r"(?:transformer\.|unet\.)?(.+)\.lora_([AB])\.weight", key)
         if m is None:
             if key.endswith(".alpha"):
                 continue
@@ -97,7 +97,8 @@ def read_peft(state, metadata, out_features, hint=None) -> dict[str, tuple[torch
         raise KeyError(f"modules this FLUX transformer lacks, or without both factors: {stray[:4]}")
     out = {}
     for name, f in modules.items():
-        alpha = next((state[k] for k in (f"{name}.alpha", f"transformer.{name}.alpha") if k in state), None)
+        alpha = next((state[k] for k in (f"{name}.alpha", f"transformer.{name}.alpha", f"unet.{name}.alpha")
+                      if k in state), None)
         scale = config_scale if config_scale is not None else (
             float(alpha) / f["A"].shape[0] if alpha is not None else 1.0)
         out[name] = (f["A"], f["B"], scale)

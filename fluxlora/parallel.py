@@ -64,8 +64,10 @@ def run_parallel(cfg, config: str, overrides: list[str], resume: bool, requested
     group = open_group(cfg, resume, warn)
     shares = plan(cfg.adapter.arms, slots)
     try:
-        procs = [subprocess.Popen(worker_cmd(config, overrides, resume, share), env=worker_env(i, slots, on_gpu))
-                 for i, share in enumerate(shares)]
+        # Own sessions: a signal sent to the whole group (terminal Ctrl-C, SLURM, systemd) reaches the
+        # workers once, through wait_all, not twice (a second one would abort the worker's checkpoint save).
+        procs = [subprocess.Popen(worker_cmd(config, overrides, resume, share), env=worker_env(i, slots, on_gpu),
+                                  start_new_session=True) for i, share in enumerate(shares)]
         where = "GPU" if on_gpu else "CPU process"
         for i, share in enumerate(shares):
             warn(f"{where} {i}: {', '.join(share)}")

@@ -117,6 +117,12 @@ def avoid_cudnn_attention(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def encode_all(family, pipe, texts: list[str], max_len: int, chunk: int = 32) -> Cond:
+    """Every text once, ``chunk`` at a time: a text encoder's activations grow with its batch (T5-XXL's
+    attention scores alone are GBs for hundreds of 512-token captions)."""
+    return Cond.cat([family.encode_prompts(pipe, texts[i:i + chunk], max_len) for i in range(0, len(texts), chunk)])
+
+
 def _caches(cfg, family, pipe, device, samples, classes, table: captions.CaptionTable) -> tuple[Cache, Cache | None]:
     """VAE latents of the instance and class images (the VAE visits the accelerator for this only)."""
     d = cfg.data
@@ -150,7 +156,7 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     table = captions.build([s.caption for s in samples], d.shuffle_tags, d.tag_variants, d.keep_tokens,
                            d.caption_dropout, cfg.train.seed, fixed=[s.caption for s in classes])
     with on_device(device, *family.text_encoders(pipe)):
-        text = family.encode_prompts(pipe, table.texts, max_len)  # every variant once: never per step
+        text = encode_all(family, pipe, table.texts, max_len)  # every variant once: never per step
         sample_cond = family.encode_prompts(pipe, sample_prompts, max_len)
         negative = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
     instance, prior = _caches(cfg, family, pipe, device, samples, classes, table)

@@ -171,8 +171,8 @@ def discard_new_group(group: GroupDir) -> None:
     """Remove what this invocation wrote into a run folder it created, when the run was refused before any
     arm trained: nothing half-written stays behind. Generated class images are a cache and are kept."""
     for arm in group.arms():
-        for name in ("status.json",):
-            (arm.root / name).unlink(missing_ok=True)
+        if arm.status().get("status") == "queued":  # written by open_group; a summary is never deleted
+            arm.status_file.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             arm.root.rmdir()
     for path in (group.config_file, group.group_file):
@@ -191,6 +191,10 @@ def check_free_space(folder: Path, need: int) -> None:
                        "another output_dir")
 
 
+def _bytes_in(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
 
@@ -206,7 +210,9 @@ def _prepared_and_checked(cfg, warn, accelerator, arms: list[str]):
         need = 0
         for method in arms:  # a file or target problem stops the run before any arm trains
             targets, _ = check_arm(prep, arm_config(cfg, method), method)
-            need += storage_bytes(prep, arm_config(cfg, method), method, targets)
+            arm = GroupDir(Path(cfg.output_dir) / cfg.name).arm(method)
+            if arm.status().get("status") != "done":  # on --resume, what is on disk already counts
+                need += max(0, storage_bytes(prep, arm_config(cfg, method), method, targets) - _bytes_in(arm.root))
         check_free_space(Path(cfg.output_dir), need)
     except USER_ERRORS as e:
         raise RefusedBeforeTraining(e) from e

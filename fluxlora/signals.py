@@ -40,7 +40,8 @@ def install_stop_handlers() -> None:
     only the main thread may set them)."""
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _raise_preempted)
+            if signal.getsignal(sig) != signal.SIG_IGN:  # a parent that made us ignore it meant it
+                signal.signal(sig, _raise_preempted)
 
 
 def _exception_for(signum: int) -> KeyboardInterrupt:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -180,11 +181,12 @@ def gradient_pass(prep: Prepared, t, targets: list[str], batches: int, prior_wei
             loss, _ = loss_step(prep, model, batch, gen, t, prior_weight)
             loss.backward()
     model.train(was_training)
-    if prep.num_processes > 1:  # each process saw its share of every batch: sum the shares
+    if prep.num_processes > 1:  # each process saw its share of every batch: their mean is one process's pass
         import torch.distributed as dist
 
         for g in grads.values():
             dist.all_reduce(g)
+            g /= prep.num_processes
     return grads
 
 
@@ -270,7 +272,10 @@ def train_loop(prep: Prepared, t, s, arm: ArmDir, info: adapters.AdapterInfo, re
         if done <= step:
             gen.set_state(gen_state)
         optimizer.zero_grad(set_to_none=True)
-        save_checkpoint(prep, arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
+        try:
+            save_checkpoint(prep, arm, done, model, optimizer, lr_scheduler, gen, t.keep_checkpoints)
+        except TrainingStopped as e:  # the stop still stops the run; the earlier checkpoint is what resumes
+            print(f"{arm.name}: {e}", file=sys.stderr)
         raise
     finally:
         bar.close()

@@ -308,3 +308,37 @@ def test_nonfinite_stop_names_step_and_causes_and_keeps_checkpoint_and_samples(t
     assert arm.status()["status"] == "failed" and [p.name for p in arm.checkpoints()] == ["step-000001"]
     load_file(str(arm.checkpoints()[0] / "adapter.safetensors"))
     assert sorted(p.name for p in arm.samples_dir.iterdir()) == ["step-000000", "step-000001"]
+
+
+def test_a_stop_whose_checkpoint_cannot_be_written_still_stops_the_run(tmp_path, tiny_flux, subject_dir,
+                                                                       monkeypatch):
+    """Ctrl-C / SIGTERM and a full disk at that moment: the stop wins (no next arm starts, status interrupted),
+    the failed save is reported, and the earlier checkpoint is what --resume continues from."""
+    import errno
+
+    import fluxlora.checkpoint as C
+    import fluxlora.train as T
+    from conftest import tiny_config
+    from fluxlora.runner import run
+
+    real_batch, real_save = T.make_batch, C.save_file
+
+    def stop_at_3(prep, micro, *args, **kwargs):
+        if micro == 3:
+            monkeypatch.setattr(C, "save_file", lambda *a, **k: (_ for _ in ()).throw(
+                OSError(errno.ENOSPC, "No space left on device")))
+            raise KeyboardInterrupt
+        return real_batch(prep, micro, *args, **kwargs)
+
+    monkeypatch.setattr(T, "make_batch", stop_at_3)
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": ["lora", "pissa"]},
+                      train={"steps": 4, "checkpoint_every": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, warn=lambda m: None)
+    group = GroupDir(tmp_path / "runs" / "tiny")
+    assert group.arm("lora").status()["status"] == "interrupted" and group.info()["status"] == "interrupted"
+    assert [p.name for p in group.arm("lora").checkpoints()] == ["step-000002"]
+    assert group.arm("pissa").status()["status"] == "queued"  # the next arm did not start
+    monkeypatch.setattr(T, "make_batch", real_batch)
+    monkeypatch.setattr(C, "save_file", real_save)
+    assert all("error" not in r for r in run(cfg, resume=True, warn=lambda m: None))

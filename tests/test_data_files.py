@@ -36,7 +36,7 @@ def test_content_wins_over_a_wrong_or_unknown_extension(tmp_path):
     assert "content is JPEG, extension .heic says otherwise; used" in lines_for(lines, "iphone_photo.heic")[0]
     assert "content is JPEG, extension .png says PNG; used" in lines_for(lines, "really_a_jpeg.png")[0]
     assert "not a supported image (extension .heic" in lines_for(lines, "real.heic")[0]
-    assert "not a supported image (extension .dat" in lines_for(lines, "pipe.dat")[0]
+    assert "not a regular file" in lines_for(lines, "pipe.dat")[0]
 
 
 def test_sub_folders_are_named_or_used_with_recursive(tmp_path):
@@ -76,3 +76,15 @@ def test_the_check_ends_with_what_was_used_and_skipped(tmp_path):
         p.unlink()
     load_samples(tmp_path, PROMPT, warn=clean.append)
     assert clean == [f"{tmp_path}: 2 images used, 0 skipped"]
+
+
+def test_symlink_loops_and_fifo_captions_do_not_hang_the_scan(tmp_path):
+    save(noise(seed=10), tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    save(noise(seed=11), tmp_path / "sub" / "b.png")
+    (tmp_path / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)  # a loop back to the root
+    (tmp_path / "sub" / "again").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(tmp_path / "a.txt")  # named like a caption: never read
+    samples, lines = scan_folder(tmp_path, PROMPT, recursive=True)
+    assert sorted(s.path.name for s in samples) == ["a.png", "b.png"]
+    assert "already scanned" in lines_for(lines, "up")[0] and "not a regular file" in lines_for(lines, "a.txt")[0]

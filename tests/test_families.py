@@ -173,3 +173,22 @@ def test_sdxl_resume_reproduces_an_uninterrupted_run(tiny_pipelines, subject_dir
                            sample={"every": 0, "steps": 1, "seeds": [0], "prompts": [PROMPT]})
 
     assert_resume_matches_uninterrupted(tmp_path, cfg, "loram")
+
+
+def test_export_formats_and_init_from_follow_the_family(family_run, tmp_path, subject_dir):
+    """`fluxlora export --format` refuses a format the family has none of (the format table), and a
+    diffusers file of this family ("transformer." or "unet." keys) starts a new arm where it left off."""
+    from fluxlora import commands
+    from fluxlora.errors import RunError
+
+    name, path, group = family_run
+    with pytest.raises(RunError, match=f"--format comfyui is not available for the {name} family"):
+        commands.export(group.root, None, ["comfyui"])
+    cfg = tiny_config(tmp_path, path, subject_dir, name="cont",
+                      model={"family": name, "path": str(path), "max_sequence_length": MAX_LEN[name]},
+                      adapter={"init": "lora", "rank": 4, "init_from": str(group.arm("lora").adapter_file)},
+                      train={"steps": 1}, sample={"every": 0, "steps": 2, "seeds": [0], "prompts": [PROMPT],
+                                                  "guidance": 3.0})
+    assert "error" not in run(cfg, warn=lambda m: None)[0]
+    start = image(GroupDir(tmp_path / "runs" / "cont").arm("lora").samples_dir / "step-000000" / "00.png")
+    assert np.abs(start - image(group.arm("lora").samples_dir / "step-000003" / "00.png")).max() <= 1

@@ -41,6 +41,11 @@ class Cond:
         """A one-row conditioning repeated ``n`` times (a view, no copy)."""
         return Cond({k: v.expand(n, *v.shape[1:]) for k, v in self.rows.items()}, self.shared)
 
+    @staticmethod
+    def cat(parts: list["Cond"]) -> "Cond":
+        """The rows of several conditionings of the same family, in order (shared values: the first's)."""
+        return Cond({k: torch.cat([p.rows[k] for p in parts]) for k in parts[0].rows}, parts[0].shared)
+
     def with_shared(self, **values) -> "Cond":
         return Cond(self.rows, {**self.shared, **values})
 
