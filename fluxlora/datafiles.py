@@ -67,8 +67,8 @@ def _entries(folder: Path) -> list[Path]:
 
 def _add_file(out: Listing, path: Path) -> None:
     suffix = path.suffix.lower()
-    if suffix == CAPTION_EXT and _kind(path) != "file":  # a FIFO named like a caption must never be read
-        out.skipped.append((path, "not a regular file (device, FIFO, socket or broken link)"))
+    if suffix == CAPTION_EXT and _kind(path) == "other":  # a FIFO named like a caption must never be read
+        out.skipped.append((path, "not a regular file (device, FIFO or socket)"))
         return
     if suffix == CAPTION_EXT:
         key = path.with_suffix("")
