@@ -18,8 +18,6 @@ from fluxlora.errors import CheckpointError, write_errors
 from fluxlora.rundir import ArmDir, step_name, write_json
 
 
-
-
 def save(arm: ArmDir, step: int, model, optimizer, lr_scheduler, generator: torch.Generator,
          keep: int) -> Path:
     final = arm.checkpoints_dir / step_name(step)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from fluxlora.datafiles import EXT_FORMATS, IMAGE_EXTS, list_folder, same_format
+from fluxlora.datafiles import EXT_FORMATS, IMAGE_EXTS, describe_os_error, list_folder, same_format
 from fluxlora import masks
 from fluxlora.errors import DataError
 
@@ -48,8 +48,6 @@ class Sample:
     mask: Image.Image | None = None  # L, the image's size: white = subject (masks.py)
 
 
-
-
 class _Skip(Exception):
     """One file is unusable; the message is the reason, turned into a warning line by the scanner."""
 
@@ -70,22 +68,12 @@ def _check_folder(folder: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------- images
 
 
-def _describe_os_error(exc: OSError) -> str:
-    if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
-        return "permission denied -> fix: make it readable (chmod a+r) or remove it"
-    if exc.errno == errno.ELOOP:
-        return "symlink loop -> fix: replace the link with the real file"
-    if exc.errno == errno.ENOENT:
-        return "broken symlink (target missing) -> fix: restore the target or remove the link"
-    return f"cannot read file ({exc.strerror or exc}) -> fix: re-copy or remove it"
-
-
 def _check_regular_file(path: Path) -> None:
     """Cheap checks before PIL touches the file (opening a FIFO would block forever)."""
     try:
         st = path.stat()  # follows symlinks, so loops and dangling links fail here
     except OSError as exc:
-        raise _Skip(_describe_os_error(exc)) from exc
+        raise _Skip(describe_os_error(exc)) from exc
     if not stat.S_ISREG(st.st_mode):
         raise _Skip("not a regular file (device, FIFO or socket)")
     if st.st_size == 0:
@@ -173,7 +161,7 @@ def _load_image(path: Path, min_size: int) -> tuple[Image.Image, list[str]]:
                     "re-export it as PNG/JPEG") from exc
     except OSError as exc:
         if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.ELOOP, errno.ENOENT):
-            raise _Skip(_describe_os_error(exc)) from exc
+            raise _Skip(describe_os_error(exc)) from exc
         raise _Skip(f"corrupt or truncated image ({exc}) -> fix: re-copy or re-export it") from exc
     except _DECODE_ERRORS as exc:
         raise _Skip(f"corrupt image ({type(exc).__name__}: {exc}) -> fix: re-copy or re-export it") from exc
@@ -236,7 +224,7 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        return None, f"caption unreadable: {_describe_os_error(exc)}"
+        return None, f"caption unreadable: {describe_os_error(exc)}"
     try:
         text = _decode_caption(raw)
     except (UnicodeDecodeError, ValueError) as exc:

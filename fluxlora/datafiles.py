@@ -8,6 +8,7 @@ or device is never opened. docs/data_handling.md tabulates the outcome for each 
 
 from __future__ import annotations
 
+import errno
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,17 @@ def sniff(path: Path) -> str | None:
         return None
 
 
+def describe_os_error(exc: OSError) -> str:
+    """The reason and the fix for an OSError reading a data file."""
+    if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
+        return "permission denied -> fix: make it readable (chmod a+r) or remove it"
+    if exc.errno == errno.ELOOP:
+        return "symlink loop -> fix: replace the link with the real file"
+    if exc.errno == errno.ENOENT:
+        return "broken symlink (target missing) -> fix: restore the target or remove the link"
+    return f"cannot read file ({exc.strerror or exc}) -> fix: re-copy or remove it"
+
+
 def _kind(path: Path) -> str:
     """'dir', 'file' or 'other' (FIFO, socket, device), following symlinks; 'broken' when stat fails."""
     try:
@@ -62,7 +74,7 @@ def _entries(folder: Path) -> list[Path]:
     try:
         return sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError as exc:
-        raise DataError(f"cannot list data folder {folder}: {exc.strerror or exc}") from exc
+        raise DataError(f"cannot list data folder {folder}: {describe_os_error(exc)}") from exc
 
 
 def _add_file(out: Listing, path: Path) -> None:

@@ -10,7 +10,6 @@ fit) run when training starts, before any arm trains."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from PIL import Image
@@ -30,13 +29,13 @@ def _check_run_folder(cfg, resume: bool) -> Path:
 
 def dump_dataset(samples: list[data.Sample], out: Path, resolution: int, center_crop: bool, flip: bool,
                  seed: int) -> int:
-    """Each sample as the trainer caches it (the same crops: one Random(seed) drawn in sample order)."""
+    """Each sample as the trainer caches it (prepare.training_views, the trainer's own preprocessing)."""
+    from fluxlora.prepare import training_views
+
     out.mkdir(parents=True, exist_ok=True)
-    rng, manifest = random.Random(seed), []
-    for i, s in enumerate(samples):
-        pix = data.prepare_image(s.image, resolution, center_crop=center_crop, rng=rng)
-        views = [("", pix)] + ([("_flip", data.hflip(pix))] if flip else [])
-        for tag, view in views:
+    manifest = []
+    for i, (s, (views, _)) in enumerate(zip(samples, training_views(samples, resolution, center_crop, flip, seed))):
+        for tag, view in zip(("", "_flip"), views):
             name = f"{i:04d}_{s.path.stem}{tag}.png"
             arr = ((view.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
             Image.fromarray(arr).save(out / name)

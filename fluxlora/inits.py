@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fluxlora.errors import InitError  # noqa: F401  (raised here, part of this module's API)
+from fluxlora.errors import InitError
+
 # Randomized-SVD oversampling for pissa_fast: q = max(rank + 8, 16), capped at min(n, m).
 # p = 8 extra columns is inside Halko et al. 2011's recommended p = 5..10 (section 4.2). The floor
 # of 16 is a CPU speed rule, measured on this machine (torch 2.13, MKL, 1 thread, niter=4):
@@ -39,8 +40,6 @@ class InitResult:
     A0: Tensor  # (r, m) fp32, on W's device
     B0: Tensor  # (n, r) fp32, on W's device
     stats: dict[str, float]  # per-method diagnostics (energy_share, init_ratio, Q, beta, ...)
-
-
 
 
 # ---------------------------------------------------------------- shared checks and helpers

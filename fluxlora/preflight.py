@@ -13,6 +13,13 @@ from fluxlora.config import ConfigError, Problem, RunConfig
 from fluxlora.errors import AdapterError, ModelLoadError
 
 
+def _problem(where: str, value: str | None, error: Exception, default_fix: str) -> Problem:
+    """A user error whose message carries its own "-> fix: ..." as one Problem (else ``default_fix``)."""
+    message, sep, fix = str(error).rpartition("-> fix: ")
+    return Problem(where, value, message.strip(), fix.strip()) if sep else Problem(where, value, str(error),
+                                                                                    default_fix)
+
+
 def _data_problems(cfg: RunConfig) -> tuple[list[Problem], int]:
     """Problems of the data folders, and the number of usable subject images (0 when the folder fails)."""
     out, images = [], 0
@@ -20,9 +27,8 @@ def _data_problems(cfg: RunConfig) -> tuple[list[Problem], int]:
         images = len(data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt,
                                       recursive=cfg.data.recursive, alpha_mask=cfg.data.alpha_mask)[0])
     except data.DataError as e:
-        message, _, fix = str(e).rpartition("-> fix: ")  # DataError messages carry their own fix
-        out.append(Problem("data.instance_dir", repr(cfg.data.instance_dir), message.strip() or str(e),
-                           fix.strip() if message else "point it at a folder of usable images"))
+        out.append(_problem("data.instance_dir", repr(cfg.data.instance_dir), e,
+                            "point it at a folder of usable images"))
     class_dir = cfg.data.class_dir
     if class_dir and not cfg.data.num_class_images and not Path(class_dir).is_dir():
         out.append(Problem("data.class_dir", repr(class_dir), "folder does not exist",
@@ -36,8 +42,7 @@ def _model_problems(cfg: RunConfig) -> list[Problem]:
     try:
         resolve(cfg.model.path)
     except ModelLoadError as e:
-        return [Problem("model.path", repr(cfg.model.path), str(e).split(" -> fix: ")[0],
-                        str(e).split(" -> fix: ")[-1])]
+        return [_problem("model.path", repr(cfg.model.path), e, "give 'toy', a pipeline folder or a hub id")]
     return []
 
 
@@ -76,8 +81,7 @@ def _method_problems(cfg: RunConfig, images: int) -> list[Problem]:
         try:
             m.check_fn()(images, a.sb_batches, cfg.train.batch_size, a.init_from, cfg.data.repeats)
         except AdapterError as e:
-            message, _, fix = str(e).rpartition(" -> fix: ")
-            out.append(Problem(f"adapter.init {name}", None, message or str(e), fix or "see the message"))
+            out.append(_problem(f"adapter.init {name}", None, e, "see the message"))
     return out
 
 

@@ -61,19 +61,28 @@ def encode_folder(family, pipe, samples: list[data.Sample], resolution: int, cen
     return encode_with_masks(family, pipe, samples, resolution, center_crop, flip, seed)[0]
 
 
+def training_views(samples: list[data.Sample], resolution: int, center_crop: bool, flip: bool, seed: int):
+    """Per sample, in order: its pixel views [V, 3, res, res] (V = 2 with the mirror) as the trainer caches
+    them, and its mask views [V, 1, res, res] (None without a mask); the random crops come from one
+    Random(seed) drawn in sample order."""
+    rng = random.Random(seed)
+    for s in samples:
+        pix, mask = data.prepare_pair(s.image, s.mask, resolution, center_crop=center_crop, rng=rng)
+        views = torch.stack([pix, data.hflip(pix)]) if flip else pix[None]
+        mask_views = None if mask is None else (torch.stack([mask, mask.flip(-1)]) if flip else mask[None])
+        yield views, mask_views
+
+
 def encode_with_masks(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool, flip: bool,
                       seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Latents [N, V, C, h, w], and when any image has a loss mask the masks cut like their images and
     averaged onto the latent grid [N, V, 1, h, w] (ones for images without one); else None."""
-    rng, out, cut = random.Random(seed), [], []
+    out, cut = [], []
     any_mask = any(s.mask is not None for s in samples)
-    for s in samples:
-        pix, mask = data.prepare_pair(s.image, s.mask, resolution, center_crop=center_crop, rng=rng)
-        views = torch.stack([pix, data.hflip(pix)]) if flip else pix[None]
+    for views, mask_views in training_views(samples, resolution, center_crop, flip, seed):
         out.append(family.encode_images(pipe, views))
         if any_mask:
-            mask = mask if mask is not None else torch.ones(1, resolution, resolution)
-            cut.append(torch.stack([mask, mask.flip(-1)]) if flip else mask[None])
+            cut.append(mask_views if mask_views is not None else torch.ones(len(views), 1, resolution, resolution))
     latents = torch.stack(out)
     if not any_mask:
         return latents, None

@@ -18,8 +18,6 @@ from fluxlora.rundir import GroupDir
 from fluxlora.signals import Preempted
 
 
-
-
 LOCK = ".lock"
 GUARD_STALE_S = 2.0
 
@@ -199,7 +197,7 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
 
 
-def _prepared_and_checked(cfg, warn, accelerator, arms: list[str]):
+def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[str]):
     """The shared preparation and every arm's model-dependent checks (targets, formats, init_from fit);
     a user error here is RefusedBeforeTraining."""
     try:
@@ -209,10 +207,10 @@ def _prepared_and_checked(cfg, warn, accelerator, arms: list[str]):
         prep.process_index, prep.num_processes = accelerator.process_index, accelerator.num_processes
         need = 0
         for method in arms:  # a file or target problem stops the run before any arm trains
-            targets, _ = check_arm(prep, arm_config(cfg, method), method)
-            arm = GroupDir(Path(cfg.output_dir) / cfg.name).arm(method)
+            acfg, arm = arm_config(cfg, method), group.arm(method)
+            targets, _ = check_arm(prep, acfg, method)
             if arm.status().get("status") != "done":  # on --resume, what is on disk already counts
-                need += max(0, storage_bytes(prep, arm_config(cfg, method), method, targets) - _bytes_in(arm.root))
+                need += max(0, storage_bytes(prep, acfg, method, targets) - _bytes_in(arm.root))
         check_free_space(Path(cfg.output_dir), need)
     except USER_ERRORS as e:
         raise RefusedBeforeTraining(e) from e
@@ -221,7 +219,7 @@ def _prepared_and_checked(cfg, warn, accelerator, arms: list[str]):
 
 def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, owner=True) -> list[dict]:
     arms = arms or cfg.adapter.arms
-    prep = _prepared_and_checked(cfg, warn, accelerator, arms)
+    prep = _prepared_and_checked(cfg, group, warn, accelerator, arms)
     results = []
     for method in arms:
         arm = group.arm(method)

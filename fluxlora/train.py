@@ -49,8 +49,6 @@ class MetricsLog:
             self.writer.close()
 
 
-
-
 @dataclass
 class Batch:
     x0: torch.Tensor  # latents in the denoiser's layout (FLUX: packed [B, T, 4C])
@@ -281,7 +279,6 @@ def train_loop(prep: Prepared, t, s, arm: ArmDir, info: adapters.AdapterInfo, re
         bar.close()
         log.close()
     return t_start
-
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:

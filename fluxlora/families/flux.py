@@ -7,6 +7,8 @@ the transformer predicts the velocity n - x0.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fluxlora.families import flow
@@ -37,6 +39,12 @@ def image_ids(latent_h: int, latent_w: int, device=None, dtype=torch.float32) ->
     from diffusers import FluxPipeline
 
     return FluxPipeline._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, device, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_ids(latent_h: int, latent_w: int) -> torch.Tensor:
+    """image_ids per latent size, built once: condition() runs every training step (never modified)."""
+    return image_ids(latent_h, latent_w)
 
 
 class Flux:
@@ -79,7 +87,7 @@ class Flux:
 
     def condition(self, text: Cond, latent_hw: tuple[int, int], guidance: float) -> Cond:
         """Adds the packed tokens' position ids and the guidance value (read only by distilled models)."""
-        return text.with_shared(img_ids=image_ids(*latent_hw), guidance=guidance)
+        return text.with_shared(img_ids=_cached_ids(*latent_hw), guidance=guidance)
 
     def predict(self, model, x_t, t, cond: Cond) -> torch.Tensor:
         """Velocity prediction. The guidance embedding is fed only to guidance-distilled models."""
