@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import time
 
-from fluxlora import adapters, checkpoint, export, lorafile, methods, train
+from fluxlora import adapters, buckets, checkpoint, export, lorafile, methods, train
 from fluxlora.config import config_hash
 from fluxlora.errors import AdapterError, TrainingStopped, write_errors
 from fluxlora.prepare import Prepared
@@ -25,7 +25,9 @@ def check_arm(prep: Prepared, cfg, method: str):
     _check_rank_fits(model, targets, a.rank, method)
     m = methods.get(method)
     if m.check:
-        m.check_fn()(prep.stats["images"], a.sb_batches, cfg.train.batch_size, a.init_from, cfg.data.repeats)
+        t, members = cfg.train, [g.members.tolist() for g in prep.instance.groups]
+        first = buckets.first_images(members, a.sb_batches, t.batch_size, cfg.data.repeats, t.seed)
+        m.check_fn()(prep.stats["images"], a.sb_batches, t.batch_size, a.init_from, cfg.data.repeats, first)
     if a.init_from is None:
         return targets, None
     out_features = adapters.linear_out_features(model)
@@ -90,7 +92,7 @@ def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
             model.enable_gradient_checkpointing()
         t_start = train.train_loop(prep, t, cfg.sample, arm, info, resume_from, lr_ratio_b=cfg.adapter.lr_ratio_b,
                                 prior_weight=cfg.data.prior_loss_weight,
-                                resolution=cfg.sample.resolution or cfg.data.resolution)
+                                resolution=cfg.sample.resolution or cfg.data.largest)
         return _finish(prep, cfg, arm, info, t_start)
     finally:
         adapters.remove(model, info)

@@ -70,7 +70,7 @@ class AdapterBench:
             cond = self.family.encode_prompts(self.pipe, [prompt], self.max_len)
             if self._negative is None:
                 self._negative = self.family.encode_prompts(self.pipe, [s.negative_prompt], self.max_len)
-        return self.family.generate(self.pipe, cond, self._negative, [seed], s.resolution or self.cfg.data.resolution,
+        return self.family.generate(self.pipe, cond, self._negative, [seed], s.resolution or self.cfg.data.largest,
                                     steps or s.steps, s.guidance, s.true_cfg)[0]
 
     def side_by_side(self, prompt: str, seed: int, steps: int | None = None, with_base: bool = True):

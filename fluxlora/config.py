@@ -60,7 +60,13 @@ class DataConfig(Section):
     instance_prompt: str | None = Field(None, description="caption for images without a .txt")
     trigger: str | None = Field(None, description="the word that names the subject in the captions; written "
                                 "into exported files (None: the instance_prompt)")
-    resolution: int = Field(512, ge=16, le=4096, multiple_of=16, description="training side in px")
+    resolution: int | list[int] = Field(512, description="training side in px (multiple of 16), or a list of "
+                                        "them: every image trains at each (multi-resolution)")
+    buckets: bool | None = Field(None, description="aspect-ratio buckets: each image at the size of about "
+                                 "resolution^2 px closest to its shape (None: on, except for the toy model)")
+    bucket_step: int | None = Field(None, ge=8, le=1024, multiple_of=8, description="bucket sides are multiples "
+                                    "of this many px (None: 64, finer below 512 px; never finer than the model's "
+                                    "latent granularity)")
     center_crop: bool = Field(True, description="centre crop (else random crop)")
     random_flip: bool = Field(False, description="also train on mirrored images")
     repeats: int = Field(1, ge=1, description="each image appears this many times per epoch (shuffled together)")
@@ -80,6 +86,28 @@ class DataConfig(Section):
     class_prompt: str | None = Field(None, description="caption of the class images")
     num_class_images: int = Field(0, ge=0, description="generate class images up to this many")
     prior_loss_weight: Float = Field(1.0, ge=0, description="weight of the prior-preservation loss")
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v):
+        sides = [v] if isinstance(v, int) else list(v)
+        if not sides:
+            raise ValueError("data.resolution is an empty list; give at least one side, e.g. 512")
+        bad = [r for r in sides if not (16 <= r <= 4096 and r % 16 == 0)]
+        if bad:
+            raise ValueError(f"data.resolution {bad} must be multiples of 16 between 16 and 4096")
+        if len(set(sides)) != len(sides):
+            raise ValueError(f"data.resolution lists a side twice: {sides} -> give each resolution once")
+        return v
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [self.resolution] if isinstance(self.resolution, int) else list(self.resolution)
+
+    @property
+    def largest(self) -> int:
+        """The largest training side: samples and class images use it unless set otherwise."""
+        return max(self.resolutions)
 
     @model_validator(mode="after")
     def _prior(self):
@@ -209,7 +237,7 @@ class SampleConfig(Section):
     guidance: Float = Field(3.5, ge=0, description="guidance-embedding value (distilled models)")
     true_cfg: Float = Field(1.0, ge=1, description="classifier-free guidance scale with negative_prompt")
     negative_prompt: str = ""
-    resolution: int | None = Field(None, ge=16, multiple_of=16, description="None: data.resolution")
+    resolution: int | None = Field(None, ge=16, multiple_of=16, description="None: the largest data.resolution")
     offload_base: bool = Field(False, description="the frozen denoiser waits on the CPU while each sample "
                                "batch is decoded by the VAE, so the decoder's activations do not stack on it")
 

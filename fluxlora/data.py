@@ -324,34 +324,39 @@ def load_samples(folder: str | Path, default_prompt: str | None, *, min_size: in
     return samples
 
 
-def _fit(size: tuple[int, int], resolution: int, center_crop: bool, rng) -> tuple[tuple[int, int], tuple]:
-    """(resized size, crop box): the shorter side to ``resolution``, then a square, centred or at an offset
-    drawn from ``rng`` (the global ``random`` module when None, so the trainer's seeding still applies)."""
-    if resolution <= 0:
-        raise ValueError(f"resolution must be positive, got {resolution}")
-    w, h = size
-    scale = resolution / min(w, h)
-    new = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    spare_x, spare_y = new[0] - resolution, new[1] - resolution
+def _fit(size: tuple[int, int], target: tuple[int, int], center_crop: bool, rng) -> tuple[tuple[int, int], tuple]:
+    """(resized size, crop box): the smallest resize that covers ``target`` (width, height), then the crop,
+    centred or at an offset drawn from ``rng`` (the global ``random`` module when None, so the trainer's
+    seeding still applies)."""
+    (w, h), (tw, th) = size, target
+    if tw <= 0 or th <= 0:
+        raise ValueError(f"training size must be positive, got {tw}x{th}")
+    scale = max(tw / w, th / h)
+    new = (max(tw, round(w * scale)), max(th, round(h * scale)))
+    spare_x, spare_y = new[0] - tw, new[1] - th
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         source = rng if rng is not None else random
         left, top = source.randint(0, spare_x), source.randint(0, spare_y)
-    return new, (left, top, left + resolution, top + resolution)
+    return new, (left, top, left + tw, top + th)
 
 
-def prepare_image(img: Image.Image, resolution: int, *, center_crop: bool = True,
+def _target(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def prepare_image(img: Image.Image, size: int | tuple[int, int], *, center_crop: bool = True,
                   rng: random.Random | None = None) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, crop a square; float32 [3, res, res] in [-1, 1]."""
-    return prepare_pair(img, None, resolution, center_crop=center_crop, rng=rng)[0]
+    """Resize to cover ``size`` (a square side, or (width, height)) and crop it; float32 [3, H, W] in [-1, 1]."""
+    return prepare_pair(img, None, size, center_crop=center_crop, rng=rng)[0]
 
 
-def prepare_pair(img: Image.Image, mask: Image.Image | None, resolution: int, *, center_crop: bool = True,
-                 rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """prepare_image, and the image's mask cut with the same resize and crop ([1, res, res] in [0, 1])."""
+def prepare_pair(img: Image.Image, mask: Image.Image | None, size: int | tuple[int, int], *,
+                 center_crop: bool = True, rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """prepare_image, and the image's mask cut with the same resize and crop ([1, H, W] in [0, 1])."""
     img = img if img.mode == "RGB" else img.convert("RGB")
-    size, box = _fit(img.size, resolution, center_crop, rng)
+    size, box = _fit(img.size, _target(size), center_crop, rng)
     if size != img.size:
         img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     arr = np.array(img.crop(box), dtype=np.uint8)  # a writable copy, as torch.from_numpy wants

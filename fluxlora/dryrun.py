@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fluxlora import data, preflight
+from fluxlora import buckets, data, preflight
 from fluxlora.errors import RunError
 from fluxlora.rundir import write_json
 
@@ -27,20 +27,22 @@ def _check_run_folder(cfg, resume: bool) -> Path:
     return root
 
 
-def dump_dataset(samples: list[data.Sample], out: Path, resolution: int, center_crop: bool, flip: bool,
+def dump_dataset(samples: list[data.Sample], out: Path, layout: buckets.Layout, center_crop: bool, flip: bool,
                  seed: int) -> int:
-    """Each sample as the trainer caches it (prepare.training_views, the trainer's own preprocessing)."""
+    """Each sample at each of its training sizes as the trainer caches it (prepare.training_views, the
+    trainer's own preprocessing)."""
     from fluxlora.prepare import training_views
 
     out.mkdir(parents=True, exist_ok=True)
     manifest = []
-    for i, (s, (views, _)) in enumerate(zip(samples, training_views(samples, resolution, center_crop, flip, seed))):
+    for b, i, views, _ in training_views(samples, layout, center_crop, flip, seed):
+        s, (w, h) = samples[i], layout.sizes[b]
         for tag, view in zip(("", "_flip"), views):
-            name = f"{i:04d}_{s.path.stem}{tag}.png"
+            name = f"{i:04d}_{s.path.stem}_{w}x{h}{tag}.png"
             arr = ((view.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
             Image.fromarray(arr).save(out / name)
             (out / name).with_suffix(".txt").write_text(s.caption + "\n", encoding="utf-8")
-            manifest.append({"file": name, "source": str(s.path), "caption": s.caption})
+            manifest.append({"file": name, "source": str(s.path), "caption": s.caption, "size": [w, h]})
     write_json(out / "manifest.json", manifest)
     return len(manifest)
 
@@ -54,13 +56,17 @@ def dry_run(cfg, resume: bool, dump: str | None, say=print) -> int:
     say(f"{len(samples)} training images (data.repeats {d.repeats}, resolution {d.resolution}):")
     for s in samples:
         say(f"  {s.path}  {s.image.size[0]}x{s.image.size[1]}  {json.dumps(s.caption)}")
+    layout = buckets.for_run(cfg.model, d, [s.image.size for s in samples])
+    say(f"{len(layout.sizes)} training size(s) (width x height: images):")
+    for line in layout.table() + layout.warnings([s.path.name for s in samples], cfg.train.batch_size):
+        say(line)
     if d.class_prompt:
         have = len(list(Path(d.class_dir).glob("*"))) if d.class_dir and Path(d.class_dir).is_dir() else 0
         say(f"class images: {have} in {d.class_dir or '(generated into the run folder)'}, up to "
             f"{d.num_class_images} generated, caption {json.dumps(d.class_prompt)}")
     if dump:
         try:
-            n = dump_dataset(samples, Path(dump), d.resolution, d.center_crop, d.random_flip, cfg.train.seed)
+            n = dump_dataset(samples, Path(dump), layout, d.center_crop, d.random_flip, cfg.train.seed)
         except OSError as e:
             raise RunError(f"could not write --dump-dataset {dump}: {e.strerror or e} -> fix: give a writable "
                            "folder") from e

@@ -109,10 +109,12 @@ class CoreLayers:
         return export_factors(layer)
 
 
-def check_data(images: int, batches: int, batch_size: int, init_from, repeats: int = 1) -> None:
+def check_data(images: int, batches: int, batch_size: int, init_from, repeats: int = 1,
+               first: list[int] | None = None) -> None:
     """LoRA-SB averages its first-step estimate over a subset of the training data, each sample once
     (paper Eq. (7)): the first ``batches`` micro-batches must hold distinct subject images (the first
-    epoch's order), else some images would weigh twice in the init direction."""
+    epoch's order), else some images would weigh twice in the init direction. ``first``: the images of those
+    micro-batches in the run's bucket order (buckets.first_images)."""
     need = batches * batch_size
     if need > images:
         fix = (f"set adapter.sb_batches <= {images // batch_size}" if images >= batch_size else
@@ -125,6 +127,11 @@ def check_data(images: int, batches: int, batch_size: int, init_from, repeats: i
         raise AdapterError(f"adapter.init lora_sb estimates its first step from distinct subject images, but "
                            f"data.repeats {repeats} repeats each image inside an epoch -> fix: set "
                            "data.repeats=1 for a run with a lora_sb arm")
+    if first is not None and len(set(first)) < len(first):
+        raise AdapterError(f"adapter.init lora_sb estimates its first step from distinct subject images, but with "
+                           f"this run's buckets its first {batches} micro-batches repeat images (a bucket smaller "
+                           "than train.batch_size is filled up, and each data.resolution repeats every image) "
+                           "-> fix: set train.batch_size=1 and a single data.resolution, or data.buckets=false")
     if init_from is not None:
         raise AdapterError("adapter.init_from cannot start a lora_sb arm: LoRA-SB builds its frozen "
                            "bases from the data's first-step gradient -> fix: drop adapter.init_from "

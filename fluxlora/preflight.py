@@ -20,12 +20,12 @@ def _problem(where: str, value: str | None, error: Exception, default_fix: str) 
                                                                                     default_fix)
 
 
-def _data_problems(cfg: RunConfig) -> tuple[list[Problem], int]:
-    """Problems of the data folders, and the number of usable subject images (0 when the folder fails)."""
-    out, images = [], 0
+def _data_problems(cfg: RunConfig) -> tuple[list[Problem], list[tuple[int, int]]]:
+    """Problems of the data folders, and the sizes of the usable subject images (none when the folder fails)."""
+    out, sizes = [], []
     try:
-        images = len(data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt,
-                                      recursive=cfg.data.recursive, alpha_mask=cfg.data.alpha_mask)[0])
+        sizes = [s.image.size for s in data.scan_folder(cfg.data.instance_dir, cfg.data.instance_prompt,
+                                                        recursive=cfg.data.recursive, alpha_mask=cfg.data.alpha_mask)[0]]
     except data.DataError as e:
         out.append(_problem("data.instance_dir", repr(cfg.data.instance_dir), e,
                             "point it at a folder of usable images"))
@@ -33,7 +33,7 @@ def _data_problems(cfg: RunConfig) -> tuple[list[Problem], int]:
     if class_dir and not cfg.data.num_class_images and not Path(class_dir).is_dir():
         out.append(Problem("data.class_dir", repr(class_dir), "folder does not exist",
                            "create it, or set data.num_class_images to generate class images"))
-    return out, images
+    return out, sizes
 
 
 def _model_problems(cfg: RunConfig) -> list[Problem]:
@@ -69,17 +69,20 @@ def _init_from_problems(cfg: RunConfig) -> list[Problem]:
     return [Problem("adapter.init_from", repr(path), "file does not exist", "give the path of a LoRA .safetensors")]
 
 
-def _method_problems(cfg: RunConfig, images: int) -> list[Problem]:
+def _method_problems(cfg: RunConfig, sizes: list[tuple[int, int]]) -> list[Problem]:
     """Each arm's method-specific data check (methods.py ``check``), e.g. LoRA-SB's distinct estimation images."""
+    from fluxlora import buckets
     from fluxlora.config import arm_config
 
     out = []
     for name in cfg.adapter.arms:
         m, a = methods.METHODS[name], arm_config(cfg, name).adapter
-        if not m.check or not images:
+        if not m.check or not sizes:
             continue
+        t, members = cfg.train, buckets.for_run(cfg.model, cfg.data, sizes).members
+        first = buckets.first_images(members, a.sb_batches, t.batch_size, cfg.data.repeats, t.seed)
         try:
-            m.check_fn()(images, a.sb_batches, cfg.train.batch_size, a.init_from, cfg.data.repeats)
+            m.check_fn()(len(sizes), a.sb_batches, t.batch_size, a.init_from, cfg.data.repeats, first)
         except AdapterError as e:
             out.append(_problem(f"adapter.init {name}", None, e, "see the message"))
     return out
@@ -88,8 +91,8 @@ def _method_problems(cfg: RunConfig, images: int) -> list[Problem]:
 def check(cfg: RunConfig) -> None:
     """Raise one ConfigError, naming the config's file, listing every data, model-path, output-folder,
     init_from and method-data problem: everything that can be checked without the model's weights."""
-    data_problems, images = _data_problems(cfg)
+    data_problems, sizes = _data_problems(cfg)
     problems = (data_problems + _model_problems(cfg) + _output_problems(cfg) + _init_from_problems(cfg)
-                + _method_problems(cfg, images))
+                + _method_problems(cfg, sizes))
     if problems:
         raise ConfigError(cfg.source, problems)

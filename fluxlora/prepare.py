@@ -13,20 +13,33 @@ from pathlib import Path
 
 import torch
 
-from fluxlora import captions, data, families, masks, metrics, modelpath
+from fluxlora import buckets, captions, data, families, masks, metrics, modelpath
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import on_device
 
 
 @dataclass
+class Group:
+    """The cached images of one bucket (buckets.py)."""
+
+    size: tuple[int, int]  # (width, height) in px
+    members: torch.Tensor  # [n] sample indices (rows of Cache.caption_idx)
+    latents: torch.Tensor  # [n, V, C, h, w], V = 2 with flip variants else 1
+    masks: torch.Tensor | None = None  # [n, V, 1, h, w] latent-grid loss masks (masks.py), None: no image has one
+
+
+@dataclass
 class Cache:
-    latents: torch.Tensor  # [N, V, C, h, w], V = 2 with flip variants else 1
+    groups: list[Group]  # one per bucket; a square run has one
     caption_idx: torch.Tensor  # [N, K] indices into the prompt table: each image's K caption variants
     repeats: int = 1  # times each image appears in an epoch (data.repeats)
     dropout: float = 0.0  # data.caption_dropout
     empty: int | None = None  # index of the empty caption (dropout)
-    masks: torch.Tensor | None = None  # [N, V, 1, h, w] latent-grid loss masks (masks.py), None: no image has one
     background_weight: float = 0.0  # data.mask_background_weight
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(len(g.members) for g in self.groups)
 
 
 @dataclass
@@ -55,38 +68,37 @@ class Prepared:
         return self.process_index == 0
 
 
-def encode_folder(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool,
-                  flip: bool, seed: int) -> torch.Tensor:
-    """Latents [N, V, C, h, w] of prepared images (random crops drawn once, from the seed)."""
-    return encode_with_masks(family, pipe, samples, resolution, center_crop, flip, seed)[0]
-
-
-def training_views(samples: list[data.Sample], resolution: int, center_crop: bool, flip: bool, seed: int):
-    """Per sample, in order: its pixel views [V, 3, res, res] (V = 2 with the mirror) as the trainer caches
-    them, and its mask views [V, 1, res, res] (None without a mask); the random crops come from one
-    Random(seed) drawn in sample order."""
+def training_views(samples: list[data.Sample], layout: buckets.Layout, center_crop: bool, flip: bool, seed: int):
+    """Bucket by bucket, each member as the trainer caches it: (bucket, sample index, pixel views
+    [V, 3, H, W] (V = 2 with the mirror), mask views [V, 1, H, W] or None without a mask); the random crops
+    come from one Random(seed) drawn in this order."""
     rng = random.Random(seed)
-    for s in samples:
-        pix, mask = data.prepare_pair(s.image, s.mask, resolution, center_crop=center_crop, rng=rng)
-        views = torch.stack([pix, data.hflip(pix)]) if flip else pix[None]
-        mask_views = None if mask is None else (torch.stack([mask, mask.flip(-1)]) if flip else mask[None])
-        yield views, mask_views
+    for b, (size, members) in enumerate(zip(layout.sizes, layout.members)):
+        for i in members:
+            s = samples[i]
+            pix, mask = data.prepare_pair(s.image, s.mask, size, center_crop=center_crop, rng=rng)
+            views = torch.stack([pix, data.hflip(pix)]) if flip else pix[None]
+            mask_views = None if mask is None else (torch.stack([mask, mask.flip(-1)]) if flip else mask[None])
+            yield b, i, views, mask_views
 
 
-def encode_with_masks(family, pipe, samples: list[data.Sample], resolution: int, center_crop: bool, flip: bool,
-                      seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Latents [N, V, C, h, w], and when any image has a loss mask the masks cut like their images and
-    averaged onto the latent grid [N, V, 1, h, w] (ones for images without one); else None."""
-    out, cut = [], []
+def encode_groups(family, pipe, samples: list[data.Sample], layout: buckets.Layout, center_crop: bool, flip: bool,
+                  seed: int) -> list[Group]:
+    """Each bucket's latents, and when any image has a loss mask the masks cut like their images and
+    averaged onto the latent grid (ones for images without one)."""
     any_mask = any(s.mask is not None for s in samples)
-    for views, mask_views in training_views(samples, resolution, center_crop, flip, seed):
-        out.append(family.encode_images(pipe, views))
+    lat: list[list] = [[] for _ in layout.sizes]
+    cut: list[list] = [[] for _ in layout.sizes]
+    for b, _, views, mask_views in training_views(samples, layout, center_crop, flip, seed):
+        lat[b].append(family.encode_images(pipe, views))
         if any_mask:
-            cut.append(mask_views if mask_views is not None else torch.ones(len(views), 1, resolution, resolution))
-    latents = torch.stack(out)
-    if not any_mask:
-        return latents, None
-    return latents, masks.to_latent_grid(torch.stack(cut), *latents.shape[-2:])
+            cut[b].append(mask_views if mask_views is not None else torch.ones(len(views), 1, *views.shape[-2:]))
+    groups = []
+    for size, members, latents, masks_b in zip(layout.sizes, layout.members, lat, cut):
+        latents = torch.stack(latents)
+        grid = masks.to_latent_grid(torch.stack(masks_b), *latents.shape[-2:]) if any_mask else None
+        groups.append(Group(size, torch.tensor(members), latents, grid))
+    return groups
 
 
 def generate_class_images(family, pipe, folder: Path, embeds, first: int, count: int, resolution: int,
@@ -113,7 +125,7 @@ def class_samples(cfg, family, pipe, device, max_len: int, main_first, warn) -> 
             with on_device(device, *family.text_encoders(pipe)):
                 embeds = family.encode_prompts(pipe, [d.class_prompt], max_len)
             with on_device(device, family.denoiser(pipe)):
-                generate_class_images(family, pipe, folder, embeds, have, d.num_class_images, d.resolution,
+                generate_class_images(family, pipe, folder, embeds, have, d.num_class_images, d.largest,
                                       cfg.sample.steps)
     return data.load_samples(folder, d.class_prompt, warn=warn)
 
@@ -132,19 +144,34 @@ def encode_all(family, pipe, texts: list[str], max_len: int, chunk: int = 32) ->
     return Cond.cat([family.encode_prompts(pipe, texts[i:i + chunk], max_len) for i in range(0, len(texts), chunk)])
 
 
-def _caches(cfg, family, pipe, device, samples, classes, table: captions.CaptionTable) -> tuple[Cache, Cache | None]:
-    """VAE latents of the instance and class images (the VAE visits the accelerator for this only)."""
+def _caches(cfg, family, pipe, device, samples, classes, table: captions.CaptionTable,
+            layout: buckets.Layout) -> tuple[Cache, Cache | None]:
+    """VAE latents of the instance and class images (the VAE visits the accelerator for this only). Class
+    images are cut to every instance bucket: a batch's prior rows share its size."""
     d = cfg.data
     with on_device(device, pipe.vae):
-        lat, cut = encode_with_masks(family, pipe, samples, d.resolution, d.center_crop, d.random_flip,
-                                     cfg.train.seed)
-        instance = Cache(lat, torch.tensor([table.rows[s.caption] for s in samples]), d.repeats,
-                         d.caption_dropout, table.empty, cut, d.mask_background_weight)
+        groups = encode_groups(family, pipe, samples, layout, d.center_crop, d.random_flip, cfg.train.seed)
+        instance = Cache(groups, torch.tensor([table.rows[s.caption] for s in samples]), d.repeats,
+                         d.caption_dropout, table.empty, d.mask_background_weight)
         prior = None
         if classes:  # class images keep their caption as written (no shuffling, no dropout)
-            plat = encode_folder(family, pipe, classes, d.resolution, d.center_crop, d.random_flip, cfg.train.seed + 1)
-            prior = Cache(plat, torch.tensor([table.rows[s.caption][:1] for s in classes]))
+            every = buckets.Layout(layout.sizes, (tuple(range(len(classes))),) * len(layout.sizes))
+            pgroups = encode_groups(family, pipe, classes, every, d.center_crop, d.random_flip, cfg.train.seed + 1)
+            prior = Cache(pgroups, torch.tensor([table.rows[s.caption][:1] for s in classes]))
     return instance, prior
+
+
+def bucket_layout(cfg, family, pipe, samples: list[data.Sample], warn) -> buckets.Layout:
+    """The instance images' buckets, printed as a table, with a line for each bucket too small for a batch."""
+    layout = buckets.for_run(cfg.model, cfg.data, [s.image.size for s in samples])
+    buckets.check_step(layout, family.pixel_multiple(pipe))
+    if len(layout.sizes) > 1 or layout.sizes[0][0] != layout.sizes[0][1]:
+        warn(f"{len(layout.sizes)} training size(s) (width x height: images):")
+        for line in layout.table():
+            warn(line)
+    for line in layout.warnings([s.path.name for s in samples], cfg.train.batch_size):
+        warn(line)
+    return layout
 
 
 def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcontext,
@@ -168,14 +195,16 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
         text = encode_all(family, pipe, table.texts, max_len)  # every variant once: never per step
         sample_cond = family.encode_prompts(pipe, sample_prompts, max_len)
         negative = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
-    instance, prior = _caches(cfg, family, pipe, device, samples, classes, table)
+    layout = bucket_layout(cfg, family, pipe, samples, warn)
+    instance, prior = _caches(cfg, family, pipe, device, samples, classes, table, layout)
     model = family.denoiser(pipe)
     model.to(device)  # the encoders are back on the CPU: the loop needs only the denoiser
     evaluator = None
     if evaluate and modelpath.is_toy(m.path):  # toy-sized: its prompts are encoded on the CPU
         s = cfg.sample
-        evaluator = metrics.ToyEvaluator(family, pipe, max_len, s.resolution or cfg.data.resolution, s.steps,
+        evaluator = metrics.ToyEvaluator(family, pipe, max_len, s.resolution or cfg.data.largest, s.steps,
                                          s.guidance, s.true_cfg)
     return Prepared(family, pipe, model, device, instance, prior, text, sample_prompts, sample_cond, negative,
-                    max_len, {"images": len(samples), "class_images": len(classes)}, evaluator=evaluator,
+                    max_len, {"images": len(samples), "class_images": len(classes),
+                                   "buckets": len(layout.sizes)}, evaluator=evaluator,
                     dtype=model.dtype)

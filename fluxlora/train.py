@@ -4,7 +4,6 @@ whole run config."""
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, captions, checkpoint, distributed, gradients, masks, sampling, signals
+from fluxlora import adapters, buckets, captions, checkpoint, distributed, gradients, masks, sampling, signals
 from fluxlora.errors import CheckpointError, TrainingStopped, write_errors
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
@@ -58,32 +57,27 @@ class Batch:
     weights: torch.Tensor | None = None  # per-element loss weights in x0's layout (masked loss), None: uniform
 
 
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
-    """Data order of one epoch: a permutation that depends only on (seed, epoch) - identical per arm."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator):
-    """Rows of micro-batch ``micro`` in the endless sequence of epochs; flip view, caption variant and caption
-    dropout drawn from ``gen`` (the last two only when on). An epoch holds every image ``cache.repeats`` times,
-    shuffled together (data.repeats)."""
-    n = cache.latents.shape[0]
-    size = n * cache.repeats
-    rows = []
-    for k in range(micro * batch_size, (micro + 1) * batch_size):
-        rows.append(int(epoch_order(size, k // size, seed)[k % size]) % n)
-    rows = torch.tensor(rows)
-    view = torch.randint(0, cache.latents.shape[1], (batch_size,), generator=gen)
-    mask = cache.masks[rows, view] if cache.masks is not None else None
-    return cache.latents[rows, view], captions.pick(cache.caption_idx, rows, cache.dropout, cache.empty, gen), mask
+def pick(cache, micro: int, batch_size: int, seed: int, gen: torch.Generator, bucket: int | None = None):
+    """(bucket, latents, caption rows, masks) of micro-batch ``micro`` (buckets.micro_rows: every image
+    ``cache.repeats`` times per epoch, a batch within one bucket); flip view, caption variant and caption
+    dropout drawn from ``gen`` (the last two only when on). With ``bucket`` given: the stream of that bucket
+    alone (prior images, cut to every instance bucket)."""
+    if bucket is None:
+        bucket, pos = buckets.micro_rows(cache.counts, micro, batch_size, cache.repeats, seed)
+    else:
+        pos = buckets.stream_rows(cache.counts[bucket], micro, batch_size, cache.repeats, seed)
+    g, pos = cache.groups[bucket], torch.tensor(pos)
+    view = torch.randint(0, g.latents.shape[1], (batch_size,), generator=gen)
+    mask = g.masks[pos, view] if g.masks is not None else None
+    caps = captions.pick(cache.caption_idx, g.members[pos], cache.dropout, cache.empty, gen)
+    return bucket, g.latents[pos, view], caps, mask
 
 
 def make_batch(prep: Prepared, micro: int, batch_size: int, seed: int, gen: torch.Generator) -> Batch:
-    lat, cap, mask = pick(prep.instance, micro, batch_size, seed, gen)
+    bucket, lat, cap, mask = pick(prep.instance, micro, batch_size, seed, gen)
     n = lat.shape[0]
     if prep.prior is not None:
-        plat, pcap, _ = pick(prep.prior, micro, batch_size, seed + 1, gen)
+        _, plat, pcap, _ = pick(prep.prior, micro, batch_size, seed + 1, gen, bucket)
         lat, cap = torch.cat([lat, plat]), torch.cat([cap, pcap])
         mask = torch.cat([mask, torch.ones_like(mask[:1]).expand(len(plat), -1, -1, -1)]) if mask is not None else None
     weights = None

@@ -30,8 +30,8 @@ def write(tmp_path, cfg) -> str:
 
 
 def test_dry_run_lists_and_dumps_what_training_sees(tmp_path, tiny_flux, subject_dir, no_model, capsys):
-    from fluxlora import data
-    from fluxlora.prepare import encode_folder
+    from fluxlora import buckets, data
+    from fluxlora.prepare import encode_groups
 
     cfg = tiny_config(tmp_path, tiny_flux, subject_dir, data={"center_crop": False, "random_flip": True,
                                                               "resolution": 16})
@@ -42,10 +42,12 @@ def test_dry_run_lists_and_dumps_what_training_sees(tmp_path, tiny_flux, subject
     assert not (tmp_path / "runs").exists()  # nothing of a run is written
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest) == 6 and manifest[1]["file"].endswith("_flip.png")
-    # The trainer's own preprocessing (encode_folder) with an identity "VAE": the same crops and mirrors.
+    # The trainer's own preprocessing (encode_groups) with an identity "VAE": the same crops and mirrors.
     samples = data.load_samples(subject_dir, None, warn=lambda m: None)
     fam = types.SimpleNamespace(encode_images=lambda pipe, pix: pix)
-    pixels = encode_folder(fam, None, samples, 16, False, True, cfg.train.seed)  # [N, 2, 3, 16, 16]
+    layout = buckets.for_run(cfg.model, cfg.data, [s.image.size for s in samples])
+    (group,) = encode_groups(fam, None, samples, layout, False, True, cfg.train.seed)
+    pixels = group.latents  # [N, 2, 3, 16, 16]
     for k, entry in enumerate(manifest):
         dumped = np.asarray(Image.open(out / entry["file"])).astype(np.float32) / 127.5 - 1.0
         trained = pixels[k // 2, k % 2].permute(1, 2, 0).numpy()

@@ -17,7 +17,8 @@ from conftest import tiny_config
 from data_fixtures import PROMPT, lines_for, noise, save, scan
 from fluxlora import data, masks
 from fluxlora.families.flux import pack
-from fluxlora.prepare import encode_with_masks
+from fluxlora.buckets import Layout
+from fluxlora.prepare import encode_groups
 from fluxlora.rundir import ArmDir
 from fluxlora.runner import run
 
@@ -44,7 +45,8 @@ def test_the_mask_follows_resize_crop_and_mirror():
         assert (inside & red(pix)).sum() >= 0.8 * max(int(inside.sum()), int(red(pix).sum()))
     sample = data.Sample(Path("x.png"), img, PROMPT, mask)
     fam = types.SimpleNamespace(encode_images=lambda pipe, views: views)
-    views, grid = encode_with_masks(fam, None, [sample], 32, False, True, 3)
+    (group,) = encode_groups(fam, None, [sample], Layout(((32, 32),), ((0,),)), False, True, 3)
+    views, grid = group.latents, group.masks
     for v in range(2):  # the plain and the mirrored view: the mask on the latent grid marks the red square
         cells = torch.nn.functional.adaptive_avg_pool2d(red(views[0, v]).float()[None], (32, 32))[0]
         assert torch.allclose(grid[0, v, 0], cells, atol=0.35)

@@ -119,16 +119,18 @@ def test_cond_selects_expands_and_moves_as_the_trainer_expects():
 
 
 def test_data_repeats_puts_each_image_r_times_in_an_epoch():
-    from fluxlora.prepare import Cache
-    from fluxlora.train import epoch_order, pick
+    from fluxlora.buckets import epoch_order
+    from fluxlora.prepare import Cache, Group
+    from fluxlora.train import pick
 
     n, r = 5, 3
-    cache = Cache(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1, 1), torch.arange(n)[:, None], repeats=r)
+    group = Group((1, 1), torch.arange(n), torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1, 1))
+    cache = Cache([group], torch.arange(n)[:, None], repeats=r)
     gen = torch.Generator().manual_seed(0)
     epoch = [int(pick(cache, k, 1, 7, gen)[1]) for k in range(n * r)]
     assert sorted(epoch) == sorted(list(range(n)) * r)  # every image exactly r times
     assert epoch != [int(i) % n for i in range(n * r)]  # shuffled together, not r copies in a row
-    plain = Cache(cache.latents, cache.caption_idx)  # repeats 1: the order is epoch_order's permutation
+    plain = Cache([group], cache.caption_idx)  # repeats 1: the order is epoch_order's permutation
     assert [int(pick(plain, k, 1, 7, gen)[1]) for k in range(n)] == epoch_order(n, 0, 7).tolist()
 
 

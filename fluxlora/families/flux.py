@@ -104,6 +104,9 @@ class Flux:
         f = vae_factor(pipe)
         return pipe.transformer.config.in_channels // 4, resolution // f, resolution // f
 
+    def pixel_multiple(self, pipe) -> int:
+        return vae_factor(pipe) * 2  # 2x2 latent patches (pack)
+
     @torch.no_grad()
     def generate(self, pipe, cond: Cond, negative: Cond | None, seeds: list[int], resolution: int, steps: int,
                  guidance: float, true_cfg: float) -> list:

@@ -104,6 +104,9 @@ class Family(Protocol):
 
     def latent_shape(self, pipe, resolution: int) -> tuple[int, int, int]: ...
 
+    def pixel_multiple(self, pipe) -> int:
+        """Training image sides must be multiples of this many px (VAE factor x the denoiser's patch)."""
+
     def generate(self, pipe, cond: Cond, negative: Cond | None, seeds: list[int], resolution: int, steps: int,
                  guidance: float, true_cfg: float) -> list:
         """PIL images through the family's own pipeline call, one per seed (noise from a CPU generator)."""

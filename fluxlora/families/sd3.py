@@ -75,6 +75,9 @@ class SD3:
         f = vae_factor(pipe)
         return pipe.transformer.config.in_channels, resolution // f, resolution // f
 
+    def pixel_multiple(self, pipe) -> int:
+        return vae_factor(pipe) * pipe.transformer.config.patch_size
+
     @torch.no_grad()
     def generate(self, pipe, cond: Cond, negative: Cond | None, seeds: list[int], resolution: int, steps: int,
                  guidance: float, true_cfg: float) -> list:

@@ -119,6 +119,9 @@ class UNetFamily:
         f = vae_factor(pipe)
         return pipe.unet.config.in_channels, resolution // f, resolution // f
 
+    def pixel_multiple(self, pipe) -> int:
+        return vae_factor(pipe)  # the UNet resamples odd latent sizes itself
+
     @torch.no_grad()
     def generate(self, pipe, cond: Cond, negative: Cond | None, seeds: list[int], resolution: int, steps: int,
                  guidance: float, true_cfg: float) -> list:
