@@ -92,12 +92,13 @@ class DataConfig(Section):
     def _resolution(cls, v):
         sides = [v] if isinstance(v, int) else list(v)
         if not sides:
-            raise ValueError("data.resolution is an empty list; give at least one side, e.g. 512")
+            raise ValueError("an empty list -> fix: give at least one side, e.g. 512")
         bad = [r for r in sides if not (16 <= r <= 4096 and r % 16 == 0)]
         if bad:
-            raise ValueError(f"data.resolution {bad} must be multiples of 16 between 16 and 4096")
+            raise ValueError(f"{', '.join(map(str, bad))}: not a training side -> fix: use a value >= 16, <= 4096, "
+                             "a multiple of 16 (or a list of such sides for multi-resolution)")
         if len(set(sides)) != len(sides):
-            raise ValueError(f"data.resolution lists a side twice: {sides} -> give each resolution once")
+            raise ValueError(f"a side is listed twice: {sides} -> fix: give each resolution once")
         return v
 
     @property

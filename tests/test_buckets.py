@@ -111,7 +111,7 @@ def test_a_mask_follows_its_image_into_a_wide_bucket():
 def test_resolution_lists_are_checked(tmp_path, tiny_flux, subject_dir):
     from fluxlora.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"data.resolution.*twice"):
+    with pytest.raises(ConfigError, match=r"data.resolution[\s\S]*twice"):
         tiny_config(tmp_path, tiny_flux, subject_dir, data={"resolution": [32, 64, 32]})
     with pytest.raises(ConfigError, match="data.resolution"):
         tiny_config(tmp_path, tiny_flux, subject_dir, data={"resolution": [32, 40]})

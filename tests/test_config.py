@@ -44,7 +44,7 @@ def test_all_problems_reported_together_with_path_value_and_fix():
     assert set(where) == {"name", "model.famly", "data.resolution", "adapter.rnak", "adapter.init", "train.lr"}
     assert "did you mean `family`" in where["model.famly"].fix
     assert "did you mean `rank`" in where["adapter.rnak"].fix
-    assert where["data.resolution"].value == "50" and "multiple of 16" in where["data.resolution"].message
+    assert where["data.resolution"].value == "50" and "multiple of 16" in where["data.resolution"].fix
     assert "valid: lora" in where["adapter.init"].message
     assert all(p.fix for p in probs)
 
