@@ -1,16 +1,18 @@
 """Wall time and peak extra memory of each LoRA init on FLUX.1-dev target shapes, on this CPU.
 
-Run (CI smoke):      OMP_NUM_THREADS=1 python benchmarks/init_time.py --quick
-Run (default set):   OMP_NUM_THREADS=1 python benchmarks/init_time.py --layers 190 --sample 3
-Run (+ FF shapes):   OMP_NUM_THREADS=1 python benchmarks/init_time.py --wide
-Run (a subset):      OMP_NUM_THREADS=1 python benchmarks/init_time.py --wide --sample 1 --methods lora,pissa_fast,loram,pissa
+Run (CI smoke):      python benchmarks/init_time.py --quick --threads 1
+Run (default set):   python benchmarks/init_time.py --layers 190 --sample 5 --threads 1,2
+Run (+ FF shapes):   python benchmarks/init_time.py --wide
+Run (a subset):      python benchmarks/init_time.py --wide --sample 1 --methods lora,pissa_fast,loram,pissa
 
 Shapes: the default target set is diffusers' to_q/to_k/to_v/to_out.0 = 19 double x 4 + 38 single x 3
 = 190 Linear 3072x3072 (docs/methods.md section 1.5). --wide adds the double blocks' feed-forwards (ff and
 ff_context, 19 x 2 each): 38 weights of 12288x3072 (3072 -> 12288) and 38 of 3072x12288 (back).
 Weights: fp32 N(0, 0.02^2), one buffer per shape refilled in place before every layer (a new random
 matrix per layer, no new allocation; the RNG is outside the timed region). Each method gets one
-untimed warm-up call on a 256x256 matrix first (one-time library set-up is not counted).
+untimed warm-up call on a 256x256 matrix first (one-time library set-up is not counted). Per-layer time
+is the median over the timed layers (>= 5 unless --sample is lower), at each --threads count in turn;
+the reference row `W.var()` is one torch.var pass over the same weights (LoRAM's floor: it must read W).
 Memory (Linux): peak process RSS (VmHWM, reset just before the call) minus the RSS just before it,
 for one call in a fresh spawned process per (method, shape) that holds only that layer's weight --
 what the OS saw (torch tensors plus LAPACK workspaces), not a count of tensor bytes.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,11 +38,14 @@ from fluxlora.inits import INITS  # noqa: E402
 # lora_sb's per-layer math only (sign, randomized SVD with niter 10, factors) on a random "gradient";
 # its gradient pass over the data depends on the model and is timed by a training run (BENCHMARKS.md).
 FNS = {**INITS, "lora_sb": lambda W, rank, scale, generator=None: lora_sb.factors(W, rank, 1e-4, generator)}
+VAR = "W.var()"  # the reference row: one pass over the weight
+FNS[VAR] = lambda W, rank, scale, generator=None: torch.var(W)
 METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb"]
 SLOW = {"pissa", "milora", "olora"}  # full SVD / QR: timed on --sample layers, then extrapolated
 WEIGHT_STD = 0.02  # realistic scale of a FLUX linear weight
 SCALE = 1.0  # s = alpha / r with alpha = r, as in the paper's FLUX run (docs/methods.md section 1.5)
 TARGET_FAST, TARGET_FULL = 20.0, 500.0  # loram vs pissa_fast / vs pissa, per-layer speed-up
+TARGET_VAR = 2.0  # loram at most this many W.var() passes
 
 
 @dataclass
@@ -62,13 +68,18 @@ class Row:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=190, help="attention layers (3072x3072) to time")
-    p.add_argument("--sample", type=int, default=3, help="layers timed for the slow (SVD/QR) methods")
+    p.add_argument("--sample", type=int, default=5, help="layers timed for the slow (SVD/QR) methods")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, measured in turn")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--wide", action="store_true", help="also the feed-forward shapes")
     p.add_argument("--quick", action="store_true", help="tiny CI smoke run: 10 layers of 512x512")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    parts = [t.strip() for t in args.threads.split(",") if t.strip()]
+    if not parts or not all(t.isdigit() and int(t) > 0 for t in parts):
+        p.error(f"--threads must be positive integers, e.g. 1,2 (got {args.threads!r})")
+    args.threads = [int(t) for t in parts]
     if not args.methods or any(m not in METHODS for m in args.methods):
         p.error(f"--methods must name some of {','.join(METHODS)} (got {','.join(args.methods) or 'none'})")
     if args.layers < 1 or args.sample < 1 or args.rank < 2:
@@ -88,20 +99,20 @@ def groups(args: argparse.Namespace) -> list[Group]:
     return out + (wide if args.wide else [])
 
 
-def time_method(method: str, group: Group, rank: int, sample: int) -> tuple[int, float]:
-    """Sum of wall times of `method` over k layers (k = all, or `sample` for SLOW methods)."""
+def time_method(method: str, group: Group, rank: int, sample: int) -> list[float]:
+    """Wall time of `method` on each of k layers (k = all, or `sample` for SLOW methods)."""
     fn = FNS[method]
     k = min(sample, group.layers) if method in SLOW else group.layers
     rng = torch.Generator().manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     W = torch.empty(group.n, group.m)
-    total = 0.0
+    times = []
     for _ in range(k):
         W.normal_(0.0, WEIGHT_STD, generator=rng)  # next layer's weight, not timed
         t0 = time.perf_counter()
         fn(W, rank, SCALE, generator=gen)
-        total += time.perf_counter() - t0
-    return k, total
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _status_kib(field: str) -> int:
@@ -130,12 +141,13 @@ def peak_extra_mb(method: str, group: Group, rank: int) -> float:
     return extra / 2**20
 
 
-def measure(group: Group, rank: int, sample: int, methods: list[str]) -> list[Row]:
+def measure(group: Group, rank: int, sample: int, methods: list[str], memory: bool) -> list[Row]:
     rows = []
-    for method in methods:
-        timed, seconds = time_method(method, group, rank, sample)
-        rows.append(Row(method, timed, seconds, 1e3 * seconds / timed, peak_extra_mb(method, group, rank)))
-        print(f"  {method:<11} {timed:>4} layers  {seconds:8.3f} s", file=sys.stderr, flush=True)
+    for method in methods + [VAR]:
+        times = time_method(method, group, rank, sample)
+        extra = peak_extra_mb(method, group, rank) if memory and method != VAR else float("nan")
+        rows.append(Row(method, len(times), sum(times), 1e3 * statistics.median(times), extra))
+        print(f"  {method:<11} {len(times):>4} layers  {sum(times):8.3f} s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -145,8 +157,9 @@ def table(group: Group, rows: list[Row]) -> str:
              f"per-layer ms | peak extra MB | ratio vs {'loram' if any(r.method == 'loram' for r in rows) else rows[0].method} |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         extra = "" if r.timed == group.layers else " (extrapolated)"
+        mem = "-" if r.extra_mb != r.extra_mb else f"{r.extra_mb:.1f}"  # NaN: not probed
         lines.append(f"| {r.method} | {r.timed} | {r.seconds:.3f} | {r.per_layer_ms * group.layers / 1e3:.2f}"
-                     f"{extra} | {r.per_layer_ms:.2f} | {r.extra_mb:.1f} | {r.per_layer_ms / ref:.1f}x |")
+                     f"{extra} | {r.per_layer_ms:.2f} | {mem} | {r.per_layer_ms / ref:.1f}x |")
     return "\n".join(lines)
 
 
@@ -160,6 +173,11 @@ def targets(group: Group, rows: list[Row]) -> list[str]:
               for other, need in (("pissa_fast", TARGET_FAST), ("pissa", TARGET_FULL)) if other in by]
     out = [f"- {'PASS' if got >= need else 'FAIL'}: {name} (measured {got:.1f}{unit})"
            for name, got, need, unit in checks]
+    passes = loram.per_layer_ms / by[VAR].per_layer_ms
+    out.append(f"- {'PASS' if passes <= TARGET_VAR else 'FAIL'}: loram <= {TARGET_VAR:g} W.var() passes "
+               f"(measured {passes:.2f})")
+    if loram.extra_mb != loram.extra_mb:  # not probed at this thread count
+        return out
     ok = loram.extra_mb <= layer_mb
     out.append(f"- {'PASS' if ok else 'FAIL'}: loram peak extra memory <= one layer's weight "
                f"({loram.extra_mb:.1f} MB vs {layer_mb:.1f} MB)")
@@ -173,11 +191,11 @@ def header(args: argparse.Namespace) -> str:
     except (OSError, StopIteration):
         pass
     return (f"# LoRA init timing: rank {args.rank}, s = {SCALE:g}, torch {torch.__version__}, CPU {cpu}, "
-            f"{torch.get_num_threads()} thread(s)\n\n"
+            f"threads {','.join(map(str, args.threads))}\n\n"
             f"- weights: fp32 N(0, {WEIGHT_STD}^2), one buffer per shape refilled before each layer (RNG not timed)\n"
             f"- {', '.join(sorted(SLOW & set(args.methods))) or '(none)'}: timed on {args.sample} layer(s) per shape and EXTRAPOLATED linearly; "
             "the others on every layer\n"
-            "- one untimed warm-up call per method; wall time of the init call only\n"
+            "- one untimed warm-up call per method; wall time of the init call only; per-layer ms = median\n"
             "- peak extra MB: peak RSS growth (VmHWM) during one call, fresh process per (method, shape)\n"
             "- ratio vs loram: per-layer time / loram's per-layer time\n"
             "- lora_sb: its per-layer math only (sign + randomized SVD of a random n x m gradient); its gradient "
@@ -190,12 +208,15 @@ def main(argv=None) -> int:
     for method in args.methods:  # warm-up: first-call library set-up is not what we time
         FNS[method](torch.randn(256, 256, generator=gen) * WEIGHT_STD, args.rank, SCALE, generator=gen)
     print(header(args))
-    for group in groups(args):
-        print(f"\n## {group.name}: W {group.n}x{group.m}, {group.layers} layers\n", flush=True)
-        rows = measure(group, args.rank, args.sample, args.methods)
-        print(table(group, rows))
-        note = " (defined for FLUX shapes; informational only in --quick)" if args.quick else ""
-        print(f"\nTargets{note}:\n" + "\n".join(targets(group, rows)), flush=True)
+    for k, threads in enumerate(args.threads):
+        torch.set_num_threads(threads)
+        for group in groups(args):
+            print(f"\n## {group.name}: W {group.n}x{group.m}, {group.layers} layers, {threads} thread(s)\n",
+                  flush=True)
+            rows = measure(group, args.rank, args.sample, args.methods, memory=k == 0)
+            print(table(group, rows))
+            note = " (defined for FLUX shapes; informational only in --quick)" if args.quick else ""
+            print(f"\nTargets{note}:\n" + "\n".join(targets(group, rows)), flush=True)
     return 0
 
 

@@ -2,18 +2,18 @@
 
 The only module that touches model structure. Base weights are never mutated (docs/design.md decision 1).
 What happens for a method follows its row in the method table (methods.py): its layer kind (peft's LoRA
-layer here, or lora_sb's core layer), what its init reads (the weights, or the loss gradient of a gradient
-pass) and what its init produces. A method with a non-zero initial product B0 A0 (start OFFSET) gets a
-second, frozen adapter "offset" holding (A0, -B0), so every adapted layer computes W x + s (B A - B0 A0) x
-and the step-0 output equals the base output; the export concatenates the two: A' = [A; A0], B' = [B, -B0]
-(rank 2r, same scale), an exact delta against the pristine base (docs/methods.md section 6).
+layer here, offset_layers' pair layer, or lora_sb's core layer), what its init reads (the weights, or the
+loss gradient of a gradient pass) and what its init produces. A method with a non-zero initial product
+B0 A0 (start OFFSET) also holds the frozen init term "offset" (A0, -B0), so every adapted layer computes
+W x + s (B A - B0 A0) x and the step-0 output equals the base output; the export concatenates the two:
+A' = [A; A0], B' = [B, -B0] (rank 2r, same scale), an exact delta against the pristine base
+(docs/methods.md section 6).
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -166,17 +166,16 @@ def _init_from_weights(model, m: methods.Method, rank, scale, targets, seed, nit
 
 
 class PeftLayers:
-    """Layer kind LORA (methods.py): peft's LoRA layers, the "subject" adapter trainable and, for an
-    OFFSET method, a frozen "offset" adapter of the same rank and scale."""
+    """Layer kind LORA (methods.py): peft's LoRA layers, one trainable "subject" adapter (the methods whose
+    init product is zero; the offset ones use offset_layers.OffsetLayers)."""
 
     @staticmethod
     def attach(model, targets, rank, scale, dropout, offset: bool) -> None:
-        model.add_adapter(lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
         if offset:
-            with warnings.catch_warnings():  # a second adapter on purpose: peft warns about exactly that
-                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-                model.add_adapter(lora_config(rank, scale, targets, 0.0), adapter_name=OFFSET)
-        model.set_adapters([SUBJECT, OFFSET] if offset else [SUBJECT])
+            raise AdapterError("peft's LoRA layer kind holds no frozen offset (methods.py gives OFFSET methods "
+                               "the pair layer kind)")
+        model.add_adapter(lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
+        model.set_adapters([SUBJECT])
 
     @staticmethod
     def detach(model, targets) -> None:
@@ -190,11 +189,7 @@ class PeftLayers:
 
     @staticmethod
     def export(layer, has_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = layer.lora_A[SUBJECT].weight.float(), layer.lora_B[SUBJECT].weight.float()
-        if has_offset:
-            a = torch.cat([a, layer.lora_A[OFFSET].weight.float()], dim=0)
-            b = torch.cat([b, layer.lora_B[OFFSET].weight.float()], dim=1)
-        return a, b
+        return layer.lora_A[SUBJECT].weight.float(), layer.lora_B[SUBJECT].weight.float()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

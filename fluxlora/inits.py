@@ -15,6 +15,7 @@ one layer at a time. Use `init_factors(name, ...)` or the `INITS` registry.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -209,10 +210,13 @@ def olora(W: Tensor, rank: int, scale: float, *, generator: torch.Generator | No
 # ---------------------------------------------------------------- LoRAM (arXiv 2507.06558)
 
 
+@functools.lru_cache(maxsize=16)
 def dst_basis(size: int, k: int, device: torch.device | str | None = None) -> Tensor:
     """First k DST-I basis vectors of length `size`, as the rows of a (k, size) fp32 tensor:
     Phi_M[i, j] = sqrt(2/(M+1)) sin((i+1)(j+1) pi / (M+1))  [LoRAM Eq. (12), sqrt per docs/methods.md section 1.2 step 1].
-    Phi_M is symmetric and orthogonal, so rows and columns are the same vectors; only k rows are built."""
+    Phi_M is symmetric and orthogonal, so rows and columns are the same vectors; only k rows are built.
+    The bases depend only on (size, k): built once per shape and shared (callers never write into them;
+    a run's 190 FLUX attention layers build one)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InitError(f"dst_basis size must be an integer >= 1 (got {size!r}) -> fix: pass a layer dim")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:

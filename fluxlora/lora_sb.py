@@ -27,20 +27,12 @@ from torch import Tensor, nn
 
 from fluxlora import inits
 from fluxlora.errors import AdapterError
+from fluxlora.layers import Factor, unwrap, wrap
 
 METHOD = "lora_sb"
 NAME = "subject"  # the adapter key, the same as adapters.SUBJECT
 SCALE = 1.0  # s = 1: the paper's "hyperparameter independence" (Thm. 5); the code sets lora_alpha = r
 SVD_NITER = 10  # subspace iterations of the randomized SVD, as the reference code's svd_lowrank(niter=10)
-
-
-class _Factor(nn.Module):
-    """Holds one factor as ``.weight`` (peft's lora_A[name].weight layout); zero-filled, so building
-    the structure draws nothing from any RNG."""
-
-    def __init__(self, rows: int, cols: int, device: torch.device):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(rows, cols, device=device), requires_grad=False)
 
 
 class SBLinear(nn.Module):
@@ -50,9 +42,9 @@ class SBLinear(nn.Module):
         super().__init__()
         n, m, device = base.out_features, base.in_features, base.weight.device
         self.base_layer = base
-        self.lora_A = nn.ModuleDict({NAME: _Factor(rank, m, device)})  # (r, m)
-        self.lora_R = nn.ModuleDict({NAME: _Factor(rank, rank, device)})  # (r, r)
-        self.lora_B = nn.ModuleDict({NAME: _Factor(n, rank, device)})  # (n, r)
+        self.lora_A = nn.ModuleDict({NAME: Factor(rank, m, device)})  # (r, m)
+        self.lora_R = nn.ModuleDict({NAME: Factor(rank, rank, device)})  # (r, r)
+        self.lora_B = nn.ModuleDict({NAME: Factor(n, rank, device)})  # (n, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = SCALE
 
@@ -67,25 +59,14 @@ class SBLinear(nn.Module):
         return result + (self.scaling * delta).to(result.dtype)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    head, _, child = name.rpartition(".")
-    return (model.get_submodule(head) if head else model), child
-
-
 def attach(model: nn.Module, targets: list[str], rank: int, dropout: float) -> None:
     """Wrap every target layer in an SBLinear (all factors zero: the output is the base output)."""
-    for name in targets:
-        parent, child = _parent(model, name)
-        setattr(parent, child, SBLinear(getattr(parent, child), rank, dropout))
+    wrap(model, targets, lambda base: SBLinear(base, rank, dropout))
 
 
 def detach(model: nn.Module, targets: list[str]) -> None:
     """Put the original layers back (the pristine base for the next arm)."""
-    for name in targets:
-        parent, child = _parent(model, name)
-        layer = getattr(parent, child)
-        if isinstance(layer, SBLinear):
-            setattr(parent, child, layer.base_layer)
+    unwrap(model, targets, SBLinear)
 
 
 def set_trainable(model: nn.Module) -> None:

@@ -10,8 +10,9 @@ name, so a new method touches only its own module and one row here. Math: docs/m
   B0 A0 != 0, cancelled by a frozen second adapter (docs/methods.md section 6), step 0 is the base, the
   export carries both halves (rank 2r). WHOLE: the init is part of the trained delta by design (step 0 is
   not the base), exported as one rank-r LoRA.
-- ``layer``: the adapted layer's kind. LORA: peft's LoRA layer (A, B). CORE: a LoRA-XS layer B R A with
-  frozen A, B and a trainable r x r core R (lora_sb.py).
+- ``layer``: the adapted layer's kind. LORA: peft's LoRA layer (A, B). PAIR: A, B plus the frozen init
+  term (A0, -B0) run as one rank-2r branch (offset_layers.py; every OFFSET method). CORE: a LoRA-XS layer
+  B R A with frozen A, B and a trainable r x r core R (lora_sb.py).
 - ``fixed_scale``: a method whose scale is part of the method (lora_sb: 1): alpha / scaling do not apply.
 - ``check``: ``fn(images, batches, batch_size, init_from, repeats)``, run before any model loads.
 - ``min_rank``: the smallest rank the method is defined for (checked by the config).
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 
 WEIGHTS, GRADIENTS = "weights", "gradients"
 ZERO, OFFSET, WHOLE = "zero", "offset", "whole"
-LORA, CORE = "lora", "core"
-LAYER_KINDS = {LORA: "fluxlora.adapters:PeftLayers", CORE: "fluxlora.lora_sb:CoreLayers"}
+LORA, PAIR, CORE = "lora", "pair", "core"
+LAYER_KINDS = {LORA: "fluxlora.adapters:PeftLayers", PAIR: "fluxlora.offset_layers:OffsetLayers",
+               CORE: "fluxlora.lora_sb:CoreLayers"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def _load(ref: str):
 
 
 def _weight(name: str, start: str, **kw) -> Method:
-    return Method(name, WEIGHTS, start, LORA, f"fluxlora.inits:{name}", **kw)
+    return Method(name, WEIGHTS, start, PAIR if start == OFFSET else LORA, f"fluxlora.inits:{name}", **kw)
 
 
 METHODS = {m.name: m for m in (

@@ -40,12 +40,14 @@ def test_flux_full_gpu_without_a_gpu_says_how_to_run_it():
 
 
 def test_init_time_quick_subset_includes_lora_sb():
-    done = subprocess.run([sys.executable, "benchmarks/init_time.py", "--quick", "--methods", "lora,loram,lora_sb"],
+    done = subprocess.run([sys.executable, "benchmarks/init_time.py", "--quick", "--threads", "1",
+                           "--methods", "lora,loram,lora_sb"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
                                                                                      "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split(" | ")[0].lstrip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert rows[1:] == ["lora", "loram", "lora_sb"]  # after the header line
+    assert rows[1:] == ["lora", "loram", "lora_sb", "W.var()"]  # after the header line
+    assert "W.var() passes" in done.stdout
     bad = subprocess.run([sys.executable, "benchmarks/init_time.py", "--methods", "nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--methods must name some of" in bad.stderr

@@ -1,0 +1,38 @@
+"""What fluxlora's own adapter layers share (offset_layers.OffsetLinear, lora_sb.SBLinear): a factor holder in
+peft's ``lora_A[name].weight`` layout, and swapping target modules for wrappers and back."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Factor(nn.Module):
+    """Holds one factor as ``.weight`` (fp32, zero-filled: building the structure draws from no RNG)."""
+
+    def __init__(self, rows: int, cols: int, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, cols, device=device), requires_grad=False)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    head, _, child = name.rpartition(".")
+    return (model.get_submodule(head) if head else model), child
+
+
+def wrap(model: nn.Module, targets: list[str], make: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace every target module by ``make(module)`` (which keeps it as its ``base_layer``)."""
+    for name in targets:
+        parent, child = _parent(model, name)
+        setattr(parent, child, make(getattr(parent, child)))
+
+
+def unwrap(model: nn.Module, targets: list[str], kind: type) -> None:
+    """Put the original modules back where a ``kind`` wrapper sits (the pristine base for the next arm)."""
+    for name in targets:
+        parent, child = _parent(model, name)
+        layer = getattr(parent, child)
+        if isinstance(layer, kind):
+            setattr(parent, child, layer.base_layer)
