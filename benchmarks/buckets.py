@@ -1,6 +1,6 @@
 """Aspect-ratio buckets vs square crops on the toy model: latent caching cost per bucket and training step time.
 
-    python benchmarks/buckets.py [--steps 40] [--repeats 3] [--resolution 64] [--quick]
+    python benchmarks/buckets.py [--steps 40] [--repeats 3] [--resolution 64] [--threads 1] [--quick]
 
 The data are scikit-image's sample photos (a dev dependency, shipped in its wheel) cut to portrait,
 landscape and square, resized to 1.5x the training side. Caching: the VAE encodes of each bucket's images
@@ -95,8 +95,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="3 steps, 1 repeat (CI keeps the script working)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps, repeats = (3, 1) if args.quick else (args.steps, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; toy model at {args.resolution} px, "
           f"{len(PHOTOS)} photos, flips on")

@@ -55,6 +55,18 @@ class ModelConfig(Section):
         return v
 
 
+class ValidationConfig(Section):
+    """Held-out validation loss (fluxlora/validation.py): scored at every sample step on fixed tuples."""
+
+    holdout: int = Field(0, ge=0, description="instance images kept out of training and scored instead "
+                         "(spread evenly over the folder's name order)")
+    dir: str | None = Field(None, description="a folder of held-out subject images (+ captions): scored, "
+                            "never trained")
+    prior_prompts: list[str] = Field(default_factory=list, description="prompts without the subject: how far "
+                                     "each arm moved the model on them (val_loss_prior)")
+    sigmas: int = Field(8, ge=1, le=64, description="noise levels per item, spread evenly over the schedule")
+
+
 class DataConfig(Section):
     instance_dir: str = Field(description="folder of subject images (+ optional same-name .txt captions)")
     instance_prompt: str | None = Field(None, description="caption for images without a .txt")
@@ -86,6 +98,7 @@ class DataConfig(Section):
     class_prompt: str | None = Field(None, description="caption of the class images")
     num_class_images: int = Field(0, ge=0, description="generate class images up to this many")
     prior_loss_weight: Float = Field(1.0, ge=0, description="weight of the prior-preservation loss")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="held-out validation loss")
 
     @field_validator("resolution")
     @classmethod

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fluxlora import buckets, data, preflight
+from fluxlora import buckets, data, preflight, validation
 from fluxlora.errors import RunError
 from fluxlora.rundir import write_json
 
@@ -53,6 +53,7 @@ def dry_run(cfg, resume: bool, dump: str | None, say=print) -> int:
     d = cfg.data
     samples = data.load_samples(d.instance_dir, d.instance_prompt, recursive=d.recursive, alpha_mask=d.alpha_mask,
                                 warn=say)
+    samples, _ = validation.held_out(cfg, samples, say)
     say(f"{len(samples)} training images (data.repeats {d.repeats}, resolution {d.resolution}):")
     for s in samples:
         say(f"  {s.path}  {s.image.size[0]}x{s.image.size[1]}  {json.dumps(s.caption)}")

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from fluxlora import data, methods
+from fluxlora import data, methods, validation
 from fluxlora.config import ConfigError, Problem, RunConfig
 from fluxlora.errors import AdapterError, ModelLoadError
 
@@ -29,11 +29,28 @@ def _data_problems(cfg: RunConfig) -> tuple[list[Problem], list[tuple[int, int]]
     except data.DataError as e:
         out.append(_problem("data.instance_dir", repr(cfg.data.instance_dir), e,
                             "point it at a folder of usable images"))
+    out += _validation_problems(cfg, len(sizes))
+    held = cfg.data.validation.holdout
+    sizes = validation.split_holdout(sizes, held)[0] if held < len(sizes) else sizes  # the images that train
     class_dir = cfg.data.class_dir
     if class_dir and not cfg.data.num_class_images and not Path(class_dir).is_dir():
         out.append(Problem("data.class_dir", repr(class_dir), "folder does not exist",
                            "create it, or set data.num_class_images to generate class images"))
     return out, sizes
+
+
+def _validation_problems(cfg: RunConfig, images: int) -> list[Problem]:
+    """data.validation: a holdout that leaves an image to train, a held-out folder that has images."""
+    v, out = cfg.data.validation, []
+    if images and v.holdout >= images:
+        out.append(Problem("data.validation.holdout", str(v.holdout), f"keeps all {images} usable images out of "
+                           "training", f"hold out at most {images - 1}, or use data.validation.dir"))
+    if v.dir:
+        try:
+            data.scan_folder(v.dir, cfg.data.instance_prompt)
+        except data.DataError as e:
+            out.append(_problem("data.validation.dir", repr(v.dir), e, "point it at a folder of held-out images"))
+    return out
 
 
 def _model_problems(cfg: RunConfig) -> list[Problem]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fluxlora import buckets, captions, data, families, masks, metrics, modelpath
+from fluxlora import buckets, captions, data, families, masks, metrics, modelpath, validation
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import on_device
 
@@ -61,6 +61,7 @@ class Prepared:
     dtype: torch.dtype = torch.float32  # the denoiser's compute dtype
     process_index: int = 0  # this process's index in data-parallel training (accelerate launch / torchrun)
     num_processes: int = 1  # number of data-parallel processes
+    validation: object = None  # validation.ValidationSet, or None when data.validation asks for nothing
 
     @property
     def main(self) -> bool:
@@ -183,6 +184,7 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     d = cfg.data
     samples = data.load_samples(d.instance_dir, d.instance_prompt, recursive=d.recursive, alpha_mask=d.alpha_mask,
                                 warn=warn)
+    samples, held = validation.held_out(cfg, samples, warn)
     m = cfg.model
     pipe = modelpath.load_base(family, m.path, m.dtype, m.revision, m.quantize)
     family = family.bind(pipe)
@@ -195,9 +197,12 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
         text = encode_all(family, pipe, table.texts, max_len)  # every variant once: never per step
         sample_cond = family.encode_prompts(pipe, sample_prompts, max_len)
         negative = family.encode_prompts(pipe, [cfg.sample.negative_prompt], max_len)
+        val_texts = validation.texts(cfg, held)
+        val_text = encode_all(family, pipe, val_texts, max_len) if val_texts else None
     layout = bucket_layout(cfg, family, pipe, samples, warn)
     instance, prior = _caches(cfg, family, pipe, device, samples, classes, table, layout)
     model = family.denoiser(pipe)
+    checks = validation.build(cfg, family, pipe, device, held, val_text)
     model.to(device)  # the encoders are back on the CPU: the loop needs only the denoiser
     evaluator = None
     if evaluate and modelpath.is_toy(m.path):  # toy-sized: its prompts are encoded on the CPU
@@ -207,4 +212,4 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     return Prepared(family, pipe, model, device, instance, prior, text, sample_prompts, sample_cond, negative,
                     max_len, {"images": len(samples), "class_images": len(classes),
                                    "buckets": len(layout.sizes)}, evaluator=evaluator,
-                    dtype=model.dtype)
+                    dtype=model.dtype, validation=checks)

@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fluxlora import preflight
+from fluxlora import preflight, validation
 from fluxlora.arms import check_arm, storage_bytes, train_arm
 from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.distributed import make_accelerator, on_main
@@ -205,6 +205,8 @@ def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[st
                        evaluate=accelerator.is_main_process)
         prep.autocast = accelerator.autocast
         prep.process_index, prep.num_processes = accelerator.process_index, accelerator.num_processes
+        if prep.validation is not None and prep.main:
+            validation.reference(prep)  # the base model's scores, before any arm's adapter
         need = 0
         for method in arms:  # a file or target problem stops the run before any arm trains
             acfg, arm = arm_config(cfg, method), group.arm(method)
@@ -267,19 +269,25 @@ def group_status(results: list[dict]) -> str:
 
 def summary_table(results: list[dict]) -> str:
     """The final comparison table printed by `fluxlora train`."""
-    head = (f"{'arm':<14}{'lr':>9}{'clipped':>8}{'init s':>9}{'params':>12}{'final loss':>12}{'subject':>9}"
-            f"{'prior px':>10}{'peak MB':>9}{'wall s':>9}  status")
+    head = (f"{'arm':<14}{'lr':>9}{'clipped':>8}{'init s':>9}{'params':>12}{'final loss':>12}{'val subj':>10}"
+            f"{'val prior':>11}{'subject':>9}{'prior px':>10}{'peak MB':>9}{'wall s':>9}  status")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['arm']:<14}{'':>84}  failed: {r['error'][:110]}")
+            lines.append(f"{r['arm']:<14}{'':>105}  failed: {r['error'][:110]}")
             continue
         loss, m, clip = r.get("final_loss"), r.get("final_metrics") or {}, r.get("clip_fraction")
-        fid, drift = m.get("subject_fidelity"), m.get("prior_drift_px")
+        v = r.get("final_validation") or {}
         lr = f"{r['lr']:.1e}" if r.get("lr") is not None else "-"
         lines.append(f"{r['arm']:<14}{lr:>9}{'-' if clip is None else f'{clip:.0%}':>8}"
-                     f"{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}"
-                     f"{'-' if loss is None else f'{loss:.5f}':>12}{'-' if fid is None else f'{fid:.3f}':>9}"
-                     f"{'-' if drift is None else f'{drift:.2f}':>10}{r.get('peak_memory_mb', 0):>9.0f}"
-                     f"{r['wall_seconds']:>9.1f}  done")
+                     f"{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}{_num(loss, '.5f'):>12}"
+                     f"{_num(v.get('val_loss_subject'), '.5f'):>10}{_num(v.get('val_loss_prior'), '.2e'):>11}"
+                     f"{_num(m.get('subject_fidelity'), '.3f'):>9}{_num(m.get('prior_drift_px'), '.2f'):>10}"
+                     f"{r.get('peak_memory_mb', 0):>9.0f}{r['wall_seconds']:>9.1f}  done")
+    lines.append("val subj: held-out subject loss (lower is better); val prior: change on prior prompts "
+                 "(lower: less forgetting); subject: toy fidelity (higher is better); prior px: toy drift")
     return "\n".join(lines)
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, buckets, captions, checkpoint, distributed, gradients, masks, sampling, signals
+from fluxlora import adapters, buckets, captions, checkpoint, distributed, gradients, masks, sampling, signals, validation
 from fluxlora.errors import CheckpointError, TrainingStopped, write_errors
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
@@ -145,6 +145,8 @@ def sample_step(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: in
                                                s.guidance, s.true_cfg))
     if prep.evaluator is not None:
         log({"step": step, **prep.evaluator.evaluate()})
+    if prep.validation is not None:
+        log({"step": step, **validation.evaluate(prep, model)})
     model.train()
     settings = {"steps": s.steps, "guidance": s.guidance, "true_cfg": s.true_cfg,
                 "negative_prompt": s.negative_prompt, "resolution": resolution}
@@ -301,7 +303,8 @@ def summarize(arm: ArmDir, info: adapters.AdapterInfo, wall: float, device: torc
             "clip_fraction": sum(flags) / len(flags) if flags else None,
             "peak_memory_mb": peak, "peak_memory_kind": kind,
             "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
-            "final_metrics": next((r for r in reversed(records) if "subject_fidelity" in r), {})}
+            "final_metrics": next((r for r in reversed(records) if "subject_fidelity" in r), {}),
+            "final_validation": next((r for r in reversed(records) if any(k.startswith("val_") for k in r)), {})}
 
 
 def save_checkpoint(prep, arm, step, model, optimizer, lr_scheduler, gen, keep) -> None:

@@ -86,3 +86,26 @@ def test_flux_full_gpu_profile_splits_the_step_time(monkeypatch, tmp_path):
     assert record["profile_ms"]["matmul"] > 0 and record["profile_ms"]["attention"] > 0
     text = prof.read_text()
     assert text.startswith("| float32 | off | 64 | lora |") and "ms per step" in text and "aten::" in text
+
+
+def _quick(script: str, *extra: str) -> str:
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", *extra], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bucket_benchmark_tables_buckets_and_both_step_times():
+    out = _quick("buckets.py")
+    assert "| 48x80 | bucket |" in out and "square crop" in out and "buckets / square step time" in out
+
+
+def test_offset_overhead_benchmark_measures_the_three_layer_kinds():
+    out = _quick("offset_overhead.py", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| toy") or line.startswith("| tiny")]
+    assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)
+
+
+def test_validation_cost_benchmark_reports_a_share():
+    out = _quick("validation_cost.py")
+    assert "validation cost:" in out and "3 held-out views, 2 prior prompts" in out

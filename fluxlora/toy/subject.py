@@ -72,6 +72,24 @@ def subject_caption(bg: str, pos: str) -> str:
 
 
 
+# Held-out views for the validation loss (data.validation.dir of the toy config): backgrounds and
+# positions of neither the training views nor the toy evaluator's prompts.
+VALIDATION = (("magenta", "top"), ("red", "right"), ("cyan", "bottom"))
+
+
+def write_validation(out, res: int = 64) -> None:
+    """Write the held-out validation views: NN.png + NN.txt."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (bg, pos) in enumerate(VALIDATION):
+        Image.fromarray(render_subject(bg, pos, res)).save(out / f"{i:02d}.png")
+        (out / f"{i:02d}.txt").write_text(subject_caption(bg, pos) + "\n", encoding="utf-8")
+
+
 def write_dataset(out, res: int = 64) -> None:
     """Write the shipped subject dataset: NN.png + NN.txt per view, and the reference template."""
     from pathlib import Path
