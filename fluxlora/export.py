@@ -145,12 +145,17 @@ def _cast(layers, dtype: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict,
                     lora_component: str, pipeline_cls) -> None:
     """Write through the family pipeline's save_lora_weights into a temp dir, add our metadata, rename in
-    place. The LoRA config in the metadata carries the scale (alpha = rank * scale)."""
+    place. The scale is folded into the factors (sqrt(s) into each, in fp32 before the cast) and the LoRA
+    config says alpha = rank: a loader that ignores the metadata's alpha (ComfyUI, ai-toolkit) applies the
+    same delta as one that reads it (diffusers). ``folded_scale`` in our record keeps s."""
     rank = next(iter(layers.values()))[0].shape[0]
+    root = math.sqrt(scale)
+    folded = {name: (a * root, b * root) for name, (a, b) in layers.items()}
     state = {}
-    for name, (a, b) in _cast(layers, dtype).items():
+    for name, (a, b) in _cast(folded, dtype).items():
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
-    config = adapters.lora_config(rank, scale, list(layers), 0.0).to_dict()
+    meta = {**meta, "alpha": float(rank), "folded_scale": scale}
+    config = adapters.lora_config(rank, 1.0, list(layers), 0.0).to_dict()
     config["init_lora_weights"] = True  # loaders must never re-run an init (docs/design.md environment fact E2)
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:

@@ -214,7 +214,11 @@ def test_metadata_in_every_file(first_run, tiny_flux, capsys):
         assert meta["base_model_hash"] == hashlib.sha256("\n".join(lines).encode()).hexdigest()
         assert (meta["method"], meta["rank"], meta["export_rank"], meta["offset"]) == (
             ("loram", 4, 8, True) if loram else ("lora", 4, 4, False))
-        assert meta["alpha"] == meta["export_rank"] * meta["scale"] and meta["trigger"] == "zxq"
+        if meta["format"] == "diffusers":  # the scale is folded into the factors: alpha = rank
+            assert meta["alpha"] == meta["export_rank"] and meta["folded_scale"] == meta["scale"]
+        else:
+            assert meta["alpha"] == meta["export_rank"] * meta["scale"]
+        assert meta["trigger"] == "zxq"
         assert meta["steps"] == 2 and len(meta["config_hash"]) == 16 and len(meta["targets"]) == 7
     assert commands.info(files[-1]) == 0
     out = capsys.readouterr().out
