@@ -110,6 +110,10 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
         adapters.remove(model, info)
     for path in paths:
         print(f"{name}: {path} (from {ckpt.name})")
+    from fluxlora.formats import loader_warnings
+
+    for line in loader_warnings(formats or acfg.export.formats, targets):
+        print(f"{name}: warning: {line}")
     if truncation is not None:
         layer, worst = truncation.worst
         print(f"{name}: rank {truncation.rank} relative error ||dW - dW_R||_F / ||dW||_F: overall "

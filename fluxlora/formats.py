@@ -6,7 +6,9 @@ and the web UI's download list read it); ``write``/``read`` are "module:function
   layers {module: (A [r, in], B [out, r])} in fp32 and the delta ``scale * B A``;
 - reader: ``fn(state, metadata, out_features, targets_hint) -> {module: (A, B, s)}``;
 - detect: ``fn(keys) -> bool`` (None: the format read when no other one recognises the file);
-- unmappable: ``fn(targets) -> targets the format cannot hold`` (None: it holds any Linear module).
+- unmappable: ``fn(targets) -> targets the format cannot hold`` (None: it holds any Linear module);
+- drops: ``fn(targets) -> warning lines``: layers a known loader of the format silently skips, each line
+  naming the loader, the layers and the file to use there instead (None: no known loader drops any).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Format:
     detect: str | None
     unmappable: str | None
     description: str
+    drops: str | None = None
 
     def fn(self, what: str):
         module, _, attr = getattr(self, what).partition(":")
@@ -42,8 +45,13 @@ FORMATS = {f.name: f for f in (
            None, None, "diffusers/peft keys, LoRA config in the metadata (load_lora_weights)"),
     Format("comfyui", "adapter_comfyui.safetensors", ("flux",), "fluxlora.export:write_comfyui",
            "fluxlora.kohya:read", "fluxlora.kohya:is_kohya", "fluxlora.kohya:unmappable",
-           "kohya keys on the BFL modules with an .alpha each (ComfyUI, sd-scripts)"),
+           "kohya keys on the BFL modules with an .alpha each (ComfyUI, sd-scripts)", "fluxlora.kohya:loader_drops"),
 )}
+
+
+def loader_warnings(formats: list[str], targets: list[str]) -> list[str]:
+    """Every known loader's silent drop of some of ``targets`` from the chosen formats' files."""
+    return [line for name in formats if FORMATS[name].drops for line in FORMATS[name].fn("drops")(targets)]
 
 
 def for_family(family: str) -> list[str]:

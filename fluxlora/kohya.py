@@ -72,6 +72,27 @@ def unmappable(names: list[str]) -> list[str]:
     return [n for n in names if bfl_module(n) is None]
 
 
+BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+FINAL = ("proj_out", "norm_out.linear")
+
+
+def loader_drops(names: list[str]) -> list[str]:
+    """Warnings for the ComfyUI-format file: diffusers' kohya reader (load_lora_weights on this file) keeps only
+    the blocks; sd-scripts' inference network builds the blocks and the input embedders, not the final layer.
+    ComfyUI applies every key."""
+    outside = [n for n in names if not n.startswith(BLOCKS)]
+    final = [n for n in names if n in FINAL]
+    out = []
+    if outside:
+        out.append(f"adapter_comfyui.safetensors: diffusers' kohya reader drops the {len(outside)} adapted layer(s) "
+                   f"outside the blocks ({', '.join(outside[:4])}{', ...' if len(outside) > 4 else ''}) -> in "
+                   "diffusers load adapter.safetensors instead (ComfyUI applies them all)")
+    if final:
+        out.append(f"adapter_comfyui.safetensors: sd-scripts' loader skips the final layer ({', '.join(final)}) "
+                   "-> use the file in ComfyUI, or adapter.safetensors in diffusers, where it applies")
+    return out
+
+
 def _swap_halves(up: torch.Tensor) -> torch.Tensor:
     first, second = up.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)

@@ -13,6 +13,7 @@ from fluxlora.arms import check_arm, storage_bytes, train_arm
 from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.distributed import make_accelerator, on_main
 from fluxlora.errors import USER_ERRORS, AdapterError, CheckpointError, RunError, TrainingStopped
+from fluxlora.formats import loader_warnings
 from fluxlora.prepare import prepare
 from fluxlora.rundir import GroupDir
 from fluxlora.signals import Preempted
@@ -207,10 +208,14 @@ def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[st
         prep.process_index, prep.num_processes = accelerator.process_index, accelerator.num_processes
         if prep.validation is not None and prep.main:
             validation.reference(prep)  # the base model's scores, before any arm's adapter
-        need = 0
+        need, said = 0, set()
         for method in arms:  # a file or target problem stops the run before any arm trains
             acfg, arm = arm_config(cfg, method), group.arm(method)
             targets, _ = check_arm(prep, acfg, method)
+            for line in loader_warnings(acfg.export.formats, targets):
+                if line not in said:  # the same targets in every arm: say it once
+                    said.add(line)
+                    warn(f"warning: {line}")
             if arm.status().get("status") != "done":  # on --resume, what is on disk already counts
                 need += max(0, storage_bytes(prep, acfg, method, targets) - _bytes_in(arm.root))
         check_free_space(Path(cfg.output_dir), need)
