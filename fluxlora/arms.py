@@ -114,9 +114,14 @@ def _finish(prep: Prepared, cfg, arm: ArmDir, info: adapters.AdapterInfo, t_star
     arm.set_status("running", step=steps, total=steps, method=info.method)
     export.sweep_partial(arm)  # temp files of an export a kill interrupted (the run lock: we are the only writer)
     try:
-        export.export_arm(prep.model, info, arm, export_metadata(cfg, info, steps), prep.family,
-                          cfg.export.formats, cfg.export.dtype)
+        _, _, errors = export.export_arm(prep.model, info, arm, export_metadata(cfg, info, steps), prep.family,
+                                         cfg.export.formats, cfg.export.dtype)
     except write_errors() as e:
         raise TrainingStopped(f"could not write {arm.adapter_file}: {e} -> the final checkpoint is kept; "
                               f"free disk space and run: fluxlora export {arm.root.parent}") from e
-    return train.summarize(arm, info, time.perf_counter() - t_start, prep.device, cfg.train.lr)
+    for path, line in export.cast_lines(errors):
+        print(f"{arm.name}: {path.name}: {line}")
+    summary = train.summarize(arm, info, time.perf_counter() - t_start, prep.device, cfg.train.lr)
+    if errors:
+        summary["export_cast_error"] = {p.name: {"overall": e[0], "worst": e[1][1]} for p, e in errors.items()}
+    return summary

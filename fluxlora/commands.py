@@ -101,8 +101,9 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
     try:
         adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
         step = int(ckpt.name.split("-")[1])
-        paths, truncation = exporter.export_arm(model, info, arm, export_metadata(acfg, info, step), family,
-                                                formats or acfg.export.formats, dtype or acfg.export.dtype, rank)
+        paths, truncation, errors = exporter.export_arm(model, info, arm, export_metadata(acfg, info, step), family,
+                                                        formats or acfg.export.formats, dtype or acfg.export.dtype,
+                                                        rank)
     except write_errors() as e:  # disk full, permissions: the previous files are left as they were
         raise RunError(f"could not write the export of arm {name}: {e} -> the previous files and the "
                        "checkpoints are kept; free disk space and run fluxlora export again") from e
@@ -110,6 +111,8 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
         adapters.remove(model, info)
     for path in paths:
         print(f"{name}: {path} (from {ckpt.name})")
+    for path, line in exporter.cast_lines(errors):
+        print(f"{name}: {path.name}: {line}")
     from fluxlora.formats import loader_warnings
 
     for line in loader_warnings(formats or acfg.export.formats, targets):

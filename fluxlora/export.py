@@ -66,6 +66,49 @@ def truncate_rank(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: in
     return RankTruncation(out, rank, errors, math.sqrt(tail_sum / total_sum) if total_sum > 0 else 0.0)
 
 
+def balanced(layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The same deltas, re-factored at full rank as sqrt(S) V^T and U sqrt(S) of each B A (fp64 QR + SVD of
+    the small core). An offset arm's factors [A; A0], [B, -B0] nearly cancel, so a bf16 / fp16 cast of them
+    loses far more of the delta than a plain LoRA's; balanced factors carry only the delta and do not."""
+    return {name: truncate_rank({name: ab}, ab[0].shape[0]).layers[name] for name, ab in layers.items()}
+
+
+@torch.no_grad()
+def cast_error(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, path: Path,
+               out_features: dict[str, int]) -> tuple[float, tuple[str, float]]:
+    """Relative Frobenius error of the file's deltas against the fp32 ones, read back through our reader:
+    (overall, (worst layer, its error)). ||s B A - s' B' A'||^2 = tr((X^T X)(Y Y^T)) with X = [s B, -s' B'],
+    Y = [A; A']: no n x m product."""
+    from fluxlora import lorafile
+
+    read = lorafile.read(path, out_features).layers
+    errors, err_sum, total_sum = {}, 0.0, 0.0
+    for name, (a, b) in layers.items():
+        fa, fb, fs = read[name]
+        x = torch.cat([scale * b.double(), -fs * fb.double()], dim=1)
+        y = torch.cat([a.double(), fa.double()], dim=0)
+        err = float(((x.T @ x) * (y @ y.T)).sum().clamp_min(0.0))
+        total = float(((b.double().T @ b.double()) * (a.double() @ a.double().T)).sum()) * scale * scale
+        errors[name] = math.sqrt(err / total) if total > 0 else 0.0
+        err_sum, total_sum = err_sum + err, total_sum + total
+    worst = max(errors.items(), key=lambda kv: kv[1])
+    return (math.sqrt(err_sum / total_sum) if total_sum > 0 else 0.0), worst
+
+
+WARN_CAST_ERROR = 0.01  # a file whose cast delta is off by more than 1% gets a warning
+
+
+def cast_lines(errors: dict) -> list[tuple[Path, str]]:
+    """One report line per file of export_arm's cast errors; "warning:" above WARN_CAST_ERROR."""
+    out = []
+    for path, (overall, (layer, worst)) in errors.items():
+        flag = "warning: " if worst > WARN_CAST_ERROR else ""
+        fix = (" -> export in fp32 (export.dtype / --dtype fp32) for this file" if worst > WARN_CAST_ERROR else "")
+        out.append((path, f"{flag}relative delta error after the cast: overall {overall:.2e}, worst layer "
+                          f"{worst:.2e} ({layer}){fix}"))
+    return out
+
+
 # ----- base model identity ----------------------------------------------------------------------------
 
 def _hash_cache_file() -> Path:
@@ -233,13 +276,18 @@ def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, meta: dict, famil
         layers = truncation.layers
         meta.update(offset=False, refactored_from=current, refactor_error=truncation.overall,
                     refactor_error_max=truncation.worst[1])
+    if dtype != "fp32" and info.has_offset and truncation is None:  # a cast would amplify the near-cancellation
+        layers = balanced(layers)
+        meta.update(offset=False, refactored="balanced")
     out_features = adapters.linear_out_features(model)
-    paths = []
+    paths, errors = [], {}
     for fmt in formats:
         path = arm.export_file(fmt, rank)
         write(path, fmt, layers, info.scale, dtype, meta, out_features, family)
         paths.append(path)
-    return paths, truncation
+        if dtype != "fp32":
+            errors[path] = cast_error(layers, info.scale, path, out_features)
+    return paths, truncation, errors
 
 
 def read_metadata(path: Path) -> dict:

@@ -60,3 +60,49 @@ def test_a_run_targeting_the_final_layer_warns_before_training(tmp_path, tiny_fl
     run(cfg, warn=said.append)
     warnings = [s for s in said if s.startswith("warning: adapter_comfyui.safetensors")]
     assert len(warnings) == 2  # two loaders, said once for both arms
+
+
+def near_cancelling(rank=4, n=48, m=40, seed=0):
+    """An offset arm's export factors after a little training: [A; A0], [B, -B0] with A ~ A0, B ~ B0."""
+    g = torch.Generator().manual_seed(seed)
+    a0, b0 = torch.randn(rank, m, generator=g), torch.randn(n, rank, generator=g)
+    a, b = a0 + 1e-3 * torch.randn(rank, m, generator=g), b0 + 1e-3 * torch.randn(n, rank, generator=g)
+    return torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
+
+
+def test_balanced_factors_keep_the_delta_and_survive_a_bf16_cast():
+    from fluxlora.export import balanced
+
+    a, b = near_cancelling()
+    (ba, bb), = balanced({"x": (a, b)}).values()
+    delta = b.double() @ a.double()
+    torch.testing.assert_close(bb.double() @ ba.double(), delta, rtol=1e-5, atol=1e-7)
+
+    def bf16_error(fa, fb):
+        return float((fb.bfloat16().double() @ fa.bfloat16().double() - delta).norm() / delta.norm())
+
+    naive, kept = bf16_error(a, b), bf16_error(ba, bb)
+    assert kept < 0.01 < naive and kept * 50 < naive  # the cast of the raw halves loses most of the delta
+
+
+def test_bf16_export_of_an_offset_arm_is_as_exact_as_a_plain_loras(tmp_path, tiny_flux, subject_dir, capsys):
+    import re
+
+    from fluxlora import commands
+    from fluxlora.runner import run
+
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": ["lora", "loram"], "rank": 4},
+                      train={"steps": 6, "lr": 1.0e-3})
+    run(cfg, warn=lambda m: None)
+    capsys.readouterr()
+    assert commands.export(tmp_path / "runs" / "tiny", None, ["diffusers", "comfyui"], "bf16", None) == 0
+    out = capsys.readouterr().out
+    worst = {(arm, f): float(e) for arm, f, e in
+             re.findall(r"(\w+): (adapter\w*)\.safetensors: relative delta error .*worst layer ([0-9.e+-]+)", out)}
+    assert len(worst) == 4, out
+    for f in ("adapter", "adapter_comfyui"):
+        assert worst[("loram", f)] <= 2 * worst[("lora", f)] and worst[("lora", f)] < 0.01
+    from fluxlora import export
+
+    meta = export.read_metadata(tmp_path / "runs" / "tiny" / "loram" / "adapter.safetensors")
+    assert meta["refactored"] == "balanced" and meta["offset"] is False and meta["export_rank"] == 8
