@@ -6,37 +6,21 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fluxlora import formats, methods
+from fluxlora.config_base import Float, Section
 from fluxlora.config_errors import ConfigError, Problem, did_you_mean, problems_from, section_fields
+from fluxlora.config_eval import MetricsConfig, ValidationConfig
 from fluxlora.families import LOSS_WEIGHTINGS, SPECS
 from fluxlora.yamlsafe import YamlProblem, load_yaml
 
 # Names come from the registries (torch-free tables): families, init methods, export formats.
 KNOWN_FAMILIES = tuple(SPECS)
 KNOWN_INITS = tuple(methods.METHODS)
-
-
-def _number(v: Any) -> Any:
-    # YAML 1.1 reads 1e-4 as a string; accept numeric strings for float fields, nothing else.
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
-Float = Annotated[float, BeforeValidator(_number)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -53,18 +37,6 @@ class ModelConfig(Section):
         if v not in KNOWN_FAMILIES:
             raise ValueError(f"unknown family {v!r}; valid: {', '.join(KNOWN_FAMILIES)}")
         return v
-
-
-class ValidationConfig(Section):
-    """Held-out validation loss (fluxlora/validation.py): scored at every sample step on fixed tuples."""
-
-    holdout: int = Field(0, ge=0, description="instance images kept out of training and scored instead "
-                         "(spread evenly over the folder's name order)")
-    dir: str | None = Field(None, description="a folder of held-out subject images (+ captions): scored, "
-                            "never trained")
-    prior_prompts: list[str] = Field(default_factory=list, description="prompts without the subject: how far "
-                                     "each arm moved the model on them (val_loss_prior)")
-    sigmas: int = Field(8, ge=1, le=64, description="noise levels per item, spread evenly over the schedule")
 
 
 class DataConfig(Section):
@@ -294,6 +266,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     _source: str = PrivateAttr(default="<config>")  # where it was read from, for later error messages
 
     @property

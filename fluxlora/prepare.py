@@ -62,6 +62,7 @@ class Prepared:
     process_index: int = 0  # this process's index in data-parallel training (accelerate launch / torchrun)
     num_processes: int = 1  # number of data-parallel processes
     validation: object = None  # validation.ValidationSet, or None when data.validation asks for nothing
+    subject_metrics: object = None  # subject_metrics.SubjectMetrics with metrics.subject, on the main process
 
     @property
     def main(self) -> bool:
@@ -209,7 +210,12 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
         s = cfg.sample
         evaluator = metrics.ToyEvaluator(family, pipe, max_len, s.resolution or cfg.data.largest, s.steps,
                                          s.guidance, s.true_cfg)
+    scorer = None
+    if evaluate and cfg.metrics.subject:
+        from fluxlora.subject_metrics import SubjectMetrics
+
+        scorer = SubjectMetrics(cfg.metrics.dino, cfg.metrics.clip, [s.image for s in samples], device)
     return Prepared(family, pipe, model, device, instance, prior, text, sample_prompts, sample_cond, negative,
                     max_len, {"images": len(samples), "class_images": len(classes),
                                    "buckets": len(layout.sizes)}, evaluator=evaluator,
-                    dtype=model.dtype, validation=checks)
+                    dtype=model.dtype, validation=checks, subject_metrics=scorer)

@@ -147,6 +147,9 @@ def sample_step(prep: Prepared, model, arm: ArmDir, step: int, s, resolution: in
         log({"step": step, **prep.evaluator.evaluate()})
     if prep.validation is not None:
         log({"step": step, **validation.evaluate(prep, model)})
+    if prep.subject_metrics is not None:  # every sample image against the instance images and its prompt
+        flat = [(img, p) for imgs, p in zip(images, prep.sample_prompts) for img in imgs]
+        log({"step": step, **prep.subject_metrics.score([i for i, _ in flat], [p for _, p in flat])})
     model.train()
     settings = {"steps": s.steps, "guidance": s.guidance, "true_cfg": s.true_cfg,
                 "negative_prompt": s.negative_prompt, "resolution": resolution}
@@ -303,8 +306,12 @@ def summarize(arm: ArmDir, info: adapters.AdapterInfo, wall: float, device: torc
             "clip_fraction": sum(flags) / len(flags) if flags else None,
             "peak_memory_mb": peak, "peak_memory_kind": kind,
             "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
-            "final_metrics": next((r for r in reversed(records) if "subject_fidelity" in r), {}),
+            "final_metrics": {**_last(records, "subject_fidelity"), **_last(records, "dino")},
             "final_validation": next((r for r in reversed(records) if any(k.startswith("val_") for k in r)), {})}
+
+
+def _last(records: list[dict], key: str) -> dict:
+    return next((r for r in reversed(records) if key in r), {})
 
 
 def save_checkpoint(prep, arm, step, model, optimizer, lr_scheduler, gen, keep) -> None:
