@@ -39,9 +39,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="train_configs/toy_subject.yaml")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--quick", action="store_true", help="20 training steps, 2 repeats (CI keeps it working)")
+    ap.add_argument("--quick", action="store_true", help="20 training steps, 2 repeats, 2 sampling steps (CI keeps "
+                    "it working)")
     args = ap.parse_args()
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, ["sample.steps=2"] if args.quick else [])
     steps = 20 if args.quick else cfg.train.steps
     cpu, quiet = torch.device("cpu"), (lambda m: None)
     off = cfg.model_copy(deep=True)

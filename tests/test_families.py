@@ -32,6 +32,7 @@ def family_run(request, tmp_path_factory, tiny_pipelines, subject_dir):
     root = tmp_path_factory.mktemp(f"{name}run")
     cfg = tiny_config(root, path, subject_dir, model={"family": name, "path": str(path),
                                                        "max_sequence_length": MAX_LEN[name]},
+                      data={"validation": {"holdout": 1, "prior_prompts": ["a red circle"], "sigmas": 4}},
                       adapter={"init": METHODS, "rank": 4}, train={"steps": 3, "lr": 1.0e-2},
                       sample={"every": 0, "steps": 2, "seeds": [0], "prompts": [PROMPT], "guidance": 3.0})
     results = run(cfg, warn=lambda m: None)
@@ -52,6 +53,15 @@ def test_arms_share_draws_and_start_at_the_base(family_run):
     for arm in group.arms():
         assert np.abs(image(arm.samples_dir / "step-000000" / "00.png") - base).max() <= 1, arm.name
         assert np.abs(image(arm.samples_dir / "step-000003" / "00.png") - base).max() > 0, "training changed nothing"
+
+
+def test_every_arm_writes_its_validation_loss_and_starts_at_the_base_s(family_run):
+    _, _, group = family_run
+    for arm in group.arms():
+        val = [r for r in arm.metrics() if "val_loss_subject" in r]
+        assert [r["step"] for r in val] == [0, 3], arm.name
+        assert val[0]["val_loss_subject"] == pytest.approx(val[0]["val_loss_subject_base"], rel=1e-5)
+        assert val[0]["val_loss_prior"] < 1e-10 < val[-1]["val_loss_prior"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -77,30 +77,30 @@ def subject_caption(bg: str, pos: str) -> str:
 VALIDATION = (("magenta", "top"), ("red", "right"), ("cyan", "bottom"))
 
 
-def write_validation(out, res: int = 64) -> None:
-    """Write the held-out validation views: NN.png + NN.txt."""
+def _write_views(out, views, res: int):
+    """NN.png + NN.txt for each (background, position) view; returns the folder."""
     from pathlib import Path
 
     from PIL import Image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (bg, pos) in enumerate(VALIDATION):
+    for i, (bg, pos) in enumerate(views):
         Image.fromarray(render_subject(bg, pos, res)).save(out / f"{i:02d}.png")
         (out / f"{i:02d}.txt").write_text(subject_caption(bg, pos) + "\n", encoding="utf-8")
+    return out
+
+
+def write_validation(out, res: int = 64) -> None:
+    """Write the held-out validation views: NN.png + NN.txt."""
+    _write_views(out, VALIDATION, res)
 
 
 def write_dataset(out, res: int = 64) -> None:
     """Write the shipped subject dataset: NN.png + NN.txt per view, and the reference template."""
-    from pathlib import Path
-
     from PIL import Image
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (bg, pos) in enumerate(DATASET):
-        Image.fromarray(render_subject(bg, pos, res)).save(out / f"{i:02d}.png")
-        (out / f"{i:02d}.txt").write_text(subject_caption(bg, pos) + "\n", encoding="utf-8")
+    out = _write_views(out, DATASET, res)
     rgb, cover = template(res)
     rgba = np.concatenate([rgb, cover[..., None] * 255.0], axis=-1)
     Image.fromarray(np.clip(np.rint(rgba), 0, 255).astype(np.uint8), "RGBA").save(out.parent / "toy_subject_template.png")
