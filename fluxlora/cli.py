@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "images and captions it would train on; loads no weights, exit 0 only if a run would start")
     t.add_argument("--dump-dataset", default=None, metavar="DIR", help="with --dry-run (implies it): write each "
                    "training image as the trainer sees it (resized, cropped, flipped) as PNG + caption into DIR")
+    THREADS = dict(type=int, default=None, metavar="N", help="torch CPU threads (default: every core; set it when "
+                   "other CPU-heavy processes share the machine, so the total stays within the cores)")
+    t.add_argument("--threads", **THREADS)
     e = sub.add_parser("export", help="re-export the adapters of a run from its latest checkpoints")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--arm", action="append", help="only this arm (repeatable; default all)")
@@ -52,12 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor dtype of the files (default: the config's export.dtype)")
     e.add_argument("--rank", type=int, default=None, metavar="R", help="truncate every layer's delta to "
                    "rank R (truncated SVD) for a smaller file *-rR.safetensors; prints the error it introduces")
+    e.add_argument("--threads", **THREADS)
     s = sub.add_parser("sample", help="generate images with a trained adapter through diffusers")
     s.add_argument("run_dir", help="runs/<name>")
     s.add_argument("--prompt", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     s.add_argument("--arm", default=None, help="which arm (default: the first)")
+    s.add_argument("--threads", **THREADS)
     s.add_argument("--out", default=None, help="output PNG (default: <arm>/sample-<seed>.png)")
     i = sub.add_parser("info", help="print the metadata of an exported adapter file")
     i.add_argument("file", help="adapter.safetensors")
@@ -66,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     w.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     w.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    w.add_argument("--threads", type=int, default=None, metavar="N", help="threads of the server's own generation "
+                   "(default: 1 while a training it launched runs, else every core); launched trainings get "
+                   "every core but one")
     toy = sub.add_parser("toy", help="the embedded toy base model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pt = toy_sub.add_parser("pretrain", help="pretrain the toy FLUX base model (resumable)")
@@ -116,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args) -> int:
-    from fluxlora import commands
+    from fluxlora import commands, threads
 
+    if args.command in ("train", "export", "sample") and args.threads:
+        threads.use(args.threads)
     if args.command == "train":
         install_stop_handlers()
         return commands.train(args.config, args.overrides, args.resume, args.arms_parallel, args.worker_arms,
@@ -132,7 +142,7 @@ def dispatch(args) -> int:
     if args.command == "webui":
         from webui.app import serve
 
-        return serve(Path(args.runs), args.host, args.port, args.auth)
+        return serve(Path(args.runs), args.host, args.port, args.auth, threads=args.threads)
     if args.command == "toy":
         from fluxlora.toy.pretrain import pretrain, snapshot
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-UI_ALLOWED = {"fluxlora.rundir", "fluxlora.errors", "fluxlora.config", "fluxlora.bench"}
+UI_ALLOWED = {"fluxlora.rundir", "fluxlora.errors", "fluxlora.config", "fluxlora.bench", "fluxlora.threads"}
 TRAINER = ("fluxlora.runner", "fluxlora.train", "fluxlora.arms", "fluxlora.prepare")
 
 
@@ -28,7 +28,7 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_web_ui_imports_only_run_folders_errors_config_and_the_bench():
+def test_web_ui_imports_only_run_folders_errors_config_the_bench_and_the_thread_policy():
     for path in sorted((ROOT / "webui").glob("*.py")):
         ours = {m for m in imported_modules(path) if m.startswith("fluxlora")}
         assert ours <= UI_ALLOWED, (path.name, ours - UI_ALLOWED)

@@ -158,11 +158,13 @@ def create_app(runs: Path, auth: str | None = None):
     return app, handlers
 
 
-def serve(runs: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None) -> int:
+def serve(runs: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
+          threads: int | None = None) -> int:
     import uvicorn
 
     try:
         app, handlers = create_app(runs, auth)
+        handlers.threads = threads
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,12 +28,14 @@ class Handlers:
         self._bench = None
         self._bench_lock = threading.Lock()
         self.bench_loads = 0  # how many times a base model was loaded (a group switch loads a new one)
+        self.threads: int | None = None  # webui --threads: the generation's torch threads (fluxlora/threads.py)
 
     # --- run browser ---------------------------------------------------------------------------
     def group_names(self) -> list[str]:
         return list(views.groups_table(self.runs)["run"])
 
     def refresh_groups(self, current: str | None):
+        self.jobs.any_running()  # reaps launched trainings that finished (no zombie until the server exits)
         table = views.groups_table(self.runs)  # reads every group's status files: once per refresh
         names = list(table["run"])
         value = current if current in names else (names[0] if names else None)
@@ -123,7 +125,10 @@ class Handlers:
             raise gr.Error("pick a run first")
         if not prompt.strip():
             raise gr.Error("write a prompt")
+        from fluxlora.threads import for_generation, use
+
         with self._bench_lock:
+            use(for_generation(self.jobs.any_running(), self.threads))  # beside a training: 1 thread
             bench = self.bench(name)
             if not bench.arms_with_adapters():
                 raise gr.Error(f"run {name} has no exported adapters yet")

@@ -128,8 +128,10 @@ class Jobs:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, config: Path) -> subprocess.Popen:
+        from fluxlora.threads import for_launched_training
+
         log = open(config.parent / "train.log", "wb")
-        cmd = [sys.executable, "-m", "fluxlora.cli", "train", str(config)]
+        cmd = [sys.executable, "-m", "fluxlora.cli", "train", str(config), "--threads", str(for_launched_training())]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=config.parent,
                                 start_new_session=True)
         log.close()
@@ -138,7 +140,11 @@ class Jobs:
 
     def running(self, name: str) -> bool:
         proc = self.procs.get(name)
-        return proc is not None and proc.poll() is None
+        return proc is not None and proc.poll() is None  # poll() also reaps a finished process
+
+    def any_running(self) -> bool:
+        """Whether a training this server launched still runs; reaps the finished ones (no zombies)."""
+        return any([self.running(name) for name in self.procs])
 
     def log_tail(self, name: str, lines: int = 12) -> str:
         path = self.runs / UPLOADS / name / "train.log"
