@@ -109,3 +109,8 @@ def test_offset_overhead_benchmark_measures_the_three_layer_kinds():
 def test_validation_cost_benchmark_reports_a_share():
     out = _quick("validation_cost.py")
     assert "validation cost:" in out and "3 held-out views, 2 prior prompts" in out
+
+
+def test_thread_policy_benchmark_reports_before_and_after():
+    out = _quick("thread_policy.py")
+    assert "| before (torch defaults) |" in out and "| after (thread policy) |" in out
