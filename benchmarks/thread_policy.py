@@ -42,7 +42,8 @@ def generate(n: int, steps: int) -> tuple[float, float, float]:
     return t0, time.time(), time.time() - t0
 
 
-def start_training(tmp: Path, name: str, threads: int | None) -> tuple[subprocess.Popen, Path]:
+def start_training(tmp: Path, name: str, threads: int | None, warm: int) -> tuple[subprocess.Popen, Path]:
+    """The training subprocess, once ``warm`` steps are logged (it is really training)."""
     cmd = [sys.executable, "-m", "fluxlora.cli", "train", str(ROOT / "train_configs/toy_subject.yaml"),
            f"output_dir={tmp}", f"name={name}", "adapter.init=lora", "train.steps=100000", "sample.every=0",
            "train.checkpoint_every=0", "data.validation.prior_prompts=[]", "data.validation.dir=null"]
@@ -50,7 +51,7 @@ def start_training(tmp: Path, name: str, threads: int | None) -> tuple[subproces
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp / name / "lora" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < warm):
         time.sleep(0.5)
     return proc, metrics
 
@@ -62,7 +63,7 @@ def steps_within(metrics: Path, start: float, end: float) -> float | None:
 
 
 def beside_training(tmp: Path, name: str, train_threads: int | None, gen_threads: int, n: int, steps: int):
-    proc, metrics = start_training(tmp, name, train_threads)
+    proc, metrics = start_training(tmp, name, train_threads, 10 if n > 2 else 2)
     try:
         torch.set_num_threads(gen_threads)
         start, end, seconds = generate(n, steps)
