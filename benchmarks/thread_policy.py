@@ -46,7 +46,8 @@ def start_training(tmp: Path, name: str, threads: int | None, warm: int) -> tupl
     """The training subprocess, once ``warm`` steps are logged (it is really training)."""
     cmd = [sys.executable, "-m", "fluxlora.cli", "train", str(ROOT / "train_configs/toy_subject.yaml"),
            f"output_dir={tmp}", f"name={name}", "adapter.init=lora", "train.steps=100000", "sample.every=0",
-           "train.checkpoint_every=0", "data.validation.prior_prompts=[]", "data.validation.dir=null"]
+           "train.checkpoint_every=0", "data.validation.prior_prompts=[]", "data.validation.dir=null",
+           "sample.steps=2"]  # step-0 samples and the toy evaluator: quick, they are not what is measured
     cmd += ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp / name / "lora" / "metrics.jsonl"
