@@ -60,7 +60,22 @@ def _model_problems(cfg: RunConfig) -> list[Problem]:
         resolve(cfg.model.path)
     except ModelLoadError as e:
         return [_problem("model.path", repr(cfg.model.path), e, "give 'toy', a pipeline folder or a hub id")]
-    return []
+    return _scorer_problems(cfg)
+
+
+def _scorer_problems(cfg: RunConfig) -> list[Problem]:
+    """metrics.subject's models: a path that looks local must exist (a typo costs seconds, not a model load)."""
+    if not cfg.metrics.subject:
+        return []
+    out = []
+    for field in ("dino", "clip"):
+        value = getattr(cfg.metrics, field)
+        looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1
+        if looks_local and not Path(value).expanduser().is_dir():
+            out.append(Problem(f"metrics.{field}", repr(value), "no such model folder",
+                               "give a local model folder or a hub id like facebook/dinov2-small, or set "
+                               "metrics.subject=false"))
+    return out
 
 
 def _output_problems(cfg: RunConfig) -> list[Problem]:

@@ -90,3 +90,16 @@ def test_a_model_that_cannot_load_is_named(tmp_path, tiny_flux, subject_dir):
 
     with pytest.raises(ModelLoadError, match="metrics.dino"):
         SubjectMetrics(str(tmp_path / "nothing"), str(tmp_path / "nothing"), pictures(1, 0), torch.device("cpu"))
+
+
+def test_a_missing_local_scorer_is_named_before_any_model_loads(tmp_path, tiny_flux, subject_dir, scorers):
+    from fluxlora import preflight
+    from fluxlora.config import ConfigError
+
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, metrics={"subject": True, "dino": str(tmp_path / "nope"),
+                                                                 "clip": scorers[1]})
+    with pytest.raises(ConfigError) as err:
+        preflight.check(cfg)
+    assert [p.where for p in err.value.problems] == ["metrics.dino"]
+    hub = tiny_config(tmp_path, tiny_flux, subject_dir, metrics={"subject": True})  # hub ids pass the check
+    preflight.check(hub)
