@@ -22,8 +22,7 @@ from torch import nn
 
 from fluxlora import methods
 from fluxlora.errors import AdapterError, InitError
-
-SUBJECT, OFFSET = "subject", "offset"
+from fluxlora.layers import OFFSET, SUBJECT, train_subject_factors
 
 
 @dataclass
@@ -181,11 +180,8 @@ class PeftLayers:
     def detach(model, targets) -> None:
         model.unload_lora()
 
-    @staticmethod
-    def set_trainable(model) -> None:
-        # Activating adapters turns requires_grad on for all of them: only "subject" A/B may train.
-        for n, p in model.named_parameters():
-            p.requires_grad_(f".{SUBJECT}." in n and ("lora_A" in n or "lora_B" in n))
+    # Activating adapters turns requires_grad on for all of them: only "subject" A/B may train.
+    set_trainable = staticmethod(train_subject_factors)
 
     @staticmethod
     def export(layer, has_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:

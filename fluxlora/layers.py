@@ -1,5 +1,6 @@
-"""What fluxlora's own adapter layers share (offset_layers.OffsetLinear, lora_sb.SBLinear): a factor holder in
-peft's ``lora_A[name].weight`` layout, and swapping target modules for wrappers and back."""
+"""What the adapter layers share (peft's, offset_layers.OffsetLinear, lora_sb.SBLinear): the adapter keys, the
+rule of which factors train, a factor holder in peft's ``lora_A[name].weight`` layout, and swapping target
+modules for wrappers and back."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+SUBJECT, OFFSET = "subject", "offset"  # the trained adapter and the frozen init term (offset methods)
+
 
 class Factor(nn.Module):
     """Holds one factor as ``.weight`` (fp32, zero-filled: building the structure draws from no RNG)."""
@@ -15,6 +18,12 @@ class Factor(nn.Module):
     def __init__(self, rows: int, cols: int, device: torch.device):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(rows, cols, device=device), requires_grad=False)
+
+
+def train_subject_factors(model: nn.Module) -> None:
+    """Only the SUBJECT adapter's A and B train; the base, a frozen offset and everything else do not."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".{SUBJECT}." in n and ("lora_A" in n or "lora_B" in n))
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from fluxlora import inits
 from fluxlora.errors import AdapterError
-from fluxlora.layers import Factor, unwrap, wrap
+from fluxlora.layers import SUBJECT, Factor, unwrap, wrap
 
 METHOD = "lora_sb"
-NAME = "subject"  # the adapter key, the same as adapters.SUBJECT
+NAME = SUBJECT  # the adapter key of the trained factors
 SCALE = 1.0  # s = 1: the paper's "hyperparameter independence" (Thm. 5); the code sets lora_alpha = r
 SVD_NITER = 10  # subspace iterations of the randomized SVD, as the reference code's svd_lowrank(niter=10)
 

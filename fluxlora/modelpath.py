@@ -12,6 +12,11 @@ TOY = "toy"
 TOY_META = "fluxlora_toy.json"  # the toy pipeline's own sampling defaults
 
 
+def looks_local(path: str) -> bool:
+    """A path, not a hub id ("owner/name"): it starts with . / ~ or does not have exactly one slash."""
+    return path.startswith((".", "/", "~")) or path.count("/") != 1
+
+
 def resolve(path: str) -> str:
     """'toy' -> the shipped base model; a local dir stays; anything else must look like a hub id."""
     if path == TOY:
@@ -24,8 +29,7 @@ def resolve(path: str) -> str:
             raise ModelLoadError(f"model.path {path!r} is a folder but not a diffusers pipeline (no "
                                  "model_index.json) -> fix: point model.path at a pipeline directory")
         return str(p)
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
-    if looks_local:
+    if looks_local(path):
         raise ModelLoadError(f"model.path {path!r} does not exist -> fix: give a local diffusers pipeline "
                              "directory, a hub id like black-forest-labs/FLUX.1-dev, or 'toy'")
     return path

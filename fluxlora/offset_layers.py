@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fluxlora.layers import Factor, unwrap, wrap
-
-SUBJECT, OFFSET = "subject", "offset"  # the same keys as adapters.SUBJECT / adapters.OFFSET
+from fluxlora.layers import OFFSET, SUBJECT, Factor, train_subject_factors, unwrap, wrap
 
 
 class OffsetLinear(nn.Module):
@@ -64,10 +62,7 @@ class OffsetLayers:
     def detach(model: nn.Module, targets: list[str]) -> None:
         unwrap(model, targets, OffsetLinear)
 
-    @staticmethod
-    def set_trainable(model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            p.requires_grad_(f".{SUBJECT}." in n and ("lora_A" in n or "lora_B" in n))
+    set_trainable = staticmethod(train_subject_factors)
 
     @staticmethod
     def export(layer: OffsetLinear, has_offset: bool) -> tuple[Tensor, Tensor]:

@@ -65,13 +65,14 @@ def _model_problems(cfg: RunConfig) -> list[Problem]:
 
 def _scorer_problems(cfg: RunConfig) -> list[Problem]:
     """metrics.subject's models: a path that looks local must exist (a typo costs seconds, not a model load)."""
+    from fluxlora.modelpath import looks_local
+
     if not cfg.metrics.subject:
         return []
     out = []
     for field in ("dino", "clip"):
         value = getattr(cfg.metrics, field)
-        looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1
-        if looks_local and not Path(value).expanduser().is_dir():
+        if looks_local(value) and not Path(value).expanduser().is_dir():
             out.append(Problem(f"metrics.{field}", repr(value), "no such model folder",
                                "give a local model folder or a hub id like facebook/dinov2-small, or set "
                                "metrics.subject=false"))

@@ -281,11 +281,9 @@ def summary_table(results: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['arm']:<14}{'':>105}  failed: {r['error'][:110]}")
             continue
-        loss, m, clip = r.get("final_loss"), r.get("final_metrics") or {}, r.get("clip_fraction")
-        v = r.get("final_validation") or {}
-        lr = f"{r['lr']:.1e}" if r.get("lr") is not None else "-"
-        lines.append(f"{r['arm']:<14}{lr:>9}{'-' if clip is None else f'{clip:.0%}':>8}"
-                     f"{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}{_num(loss, '.5f'):>12}"
+        m, v = r.get("final_metrics") or {}, r.get("final_validation") or {}
+        lines.append(f"{r['arm']:<14}{_num(r.get('lr'), '.1e'):>9}{_num(r.get('clip_fraction'), '.0%'):>8}"
+                     f"{r['init_seconds']:>9.3f}{r['trainable_params']:>12,}{_num(r.get('final_loss'), '.5f'):>12}"
                      f"{_num(v.get('val_loss_subject'), '.5f'):>10}{_num(v.get('val_loss_prior'), '.2e'):>11}"
                      f"{_num(m.get('subject_fidelity'), '.3f'):>9}{_num(m.get('prior_drift_px'), '.2f'):>10}"
                      f"{r.get('peak_memory_mb', 0):>9.0f}{r['wall_seconds']:>9.1f}  done")

@@ -67,20 +67,16 @@ def levels(count: int) -> torch.Tensor:
     return (torch.arange(count, dtype=torch.float32) + 0.5) / count
 
 
-def _views(cfg, held: list[data.Sample]):
-    """(sample, pixels [1, 3, H, W]) of each held-out image centre-cut at each of its training sizes (the
-    run's bucket rules)."""
-    from fluxlora.prepare import training_views  # prepare builds the validation set: imported when called
-
-    layout = buckets.for_run(cfg.model, cfg.data, [s.image.size for s in held])
-    for _, i, views, _ in training_views(held, layout, True, False, cfg.train.seed):
-        yield held[i], views
+def _layout(cfg, held: list[data.Sample]) -> buckets.Layout:
+    """The held-out images' training sizes (the run's bucket rules); the items are its members in order."""
+    return buckets.for_run(cfg.model, cfg.data, [s.image.size for s in held])
 
 
 def texts(cfg, held: list[data.Sample]) -> list[str]:
     """What the validation items say, in item order: each held-out view's caption, then the prior prompts
     (the caller encodes them with the run's other texts)."""
-    return [s.caption for s, _ in _views(cfg, held)] + list(cfg.data.validation.prior_prompts)
+    items = [held[i] for members in _layout(cfg, held).members for i in members] if held else []
+    return [s.caption for s in items] + list(cfg.data.validation.prior_prompts)
 
 
 def prior_latents(cfg, family, pipe, cond: Cond) -> list[torch.Tensor]:
@@ -98,8 +94,11 @@ def build(cfg, family, pipe, device, held: list[data.Sample], text: Cond | None)
     v = cfg.data.validation
     if text is None:
         return None
-    with on_device(device, pipe.vae):
-        subject = [family.encode_images(pipe, views) for _, views in _views(cfg, held)]
+    from fluxlora.prepare import training_views  # prepare builds the validation set: imported when called
+
+    with on_device(device, pipe.vae):  # each held-out image centre-cut at each of its sizes, in item order
+        subject = [family.encode_images(pipe, views) for _, _, views, _ in
+                   training_views(held, _layout(cfg, held), True, False, cfg.train.seed)] if held else []
     prior = []
     if v.prior_prompts:
         with on_device(device, pipe.vae, family.denoiser(pipe)):
