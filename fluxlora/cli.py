@@ -18,6 +18,7 @@ EPILOG = """examples:
   fluxlora train my_subject.yaml --resume
   fluxlora train my_subject.yaml --dry-run --dump-dataset /tmp/seen
   fluxlora export runs/toy_subject
+  fluxlora sweep sweeps/toy_study.yaml          # a grid of runs + runs/toy_study/report.md
   fluxlora sample runs/toy_subject --prompt "a zxq emblem on a red background, center" --seed 3
   fluxlora info runs/toy_subject/loram/adapter.safetensors
   fluxlora webui --runs runs
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     THREADS = dict(type=int, default=None, metavar="N", help="torch CPU threads (default: every core; set it when "
                    "other CPU-heavy processes share the machine, so the total stays within the cores)")
     t.add_argument("--threads", **THREADS)
+    w = sub.add_parser("sweep", help="train a grid of runs (e.g. init x lr x rank x seed) and write a report")
+    w.add_argument("sweep", help="sweep YAML (see sweeps/): a run config, fixed overrides and a grid")
+    w.add_argument("--dry-run", action="store_true", help="check every cell's config and list the cells and "
+                   "what is on disk for each; trains nothing")
+    w.add_argument("--report", action="store_true", help="only rewrite report.md and plots/ from what is on disk")
+    w.add_argument("--threads", **THREADS)
     e = sub.add_parser("export", help="re-export the adapters of a run from its latest checkpoints")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--arm", action="append", help="only this arm (repeatable; default all)")
@@ -126,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(args) -> int:
     from fluxlora import commands, threads
 
-    if args.command in ("train", "export", "sample") and args.threads:
+    if args.command in ("train", "export", "sample", "sweep") and args.threads:
         threads.use(args.threads)
     if args.command == "train":
         install_stop_handlers()
         return commands.train(args.config, args.overrides, args.resume, args.arms_parallel, args.worker_arms,
                               args.dry_run, args.dump_dataset)
+    if args.command == "sweep":
+        install_stop_handlers()
+        return commands.sweep(args.sweep, args.dry_run, args.report)
     if args.command == "export":
         return commands.export(Path(args.run_dir), args.arm, commands.parse_formats(args.format), args.dtype,
                                args.rank)

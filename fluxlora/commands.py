@@ -35,6 +35,28 @@ def train(config: str, overrides: list[str], resume: bool, arms_parallel: int | 
     return failed
 
 
+def sweep(path: str, dry_run: bool, report_only: bool) -> int:
+    """`fluxlora sweep`: every cell of the grid as a run folder, then report.md (sweep.py, report.py)."""
+    from fluxlora import report
+    from fluxlora import sweep as sweeps
+
+    if dry_run:
+        return sweeps.dry_run(path)
+    if report_only:
+        root, _ = sweeps.plan(sweeps.load_sweep(path))
+        if not (root / sweeps.STATE).exists():
+            from fluxlora.errors import RunError
+
+            raise RunError(f"{root} holds no sweep yet -> fix: run fluxlora sweep {path} first")
+        print(report.write(root))
+        return 0
+    root = sweeps.run_sweep(path)
+    print(f"report: {root / report.REPORT}")
+    from fluxlora.rundir import read_json
+
+    return 0 if (read_json(root / sweeps.STATE, {}) or {}).get("status") == "done" else 1
+
+
 def parse_formats(values: list[str] | None) -> list[str] | None:
     """--format diffusers --format comfyui, or --format diffusers,comfyui; None: the config's."""
     from fluxlora.errors import RunError

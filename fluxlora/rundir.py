@@ -11,6 +11,7 @@
         checkpoints/step-000500/  full trainer state (written as tmp, then renamed)
         adapter.safetensors       final export, one file per format (formats.py; diffusers here)
         adapter_comfyui.safetensors
+    runs/<sweep>/                 a sweep (sweep.py): sweep.json, report.md, plots/, one run folder per cell
 """
 
 from __future__ import annotations
@@ -144,9 +145,31 @@ class GroupDir:
         write_json(self.group_file, info)
 
 
+SWEEP_STATE = "sweep.json"  # marks a sweep folder (sweep.py): its cells are run folders one level down
+
+
+def _runs_in(folder: Path) -> list[GroupDir]:
+    return [GroupDir(p) for p in folder.iterdir() if (p / "group.json").exists()]
+
+
 def list_groups(runs: Path) -> list[GroupDir]:
+    """Every run folder in ``runs``, including the cells of its sweeps, ordered by label."""
     runs = Path(runs)
     if not runs.is_dir():
         return []
-    return sorted((GroupDir(p) for p in runs.iterdir() if (p / "group.json").exists()),
-                  key=lambda g: g.root.name)
+    found = _runs_in(runs)
+    for sweep in list_sweeps(runs):
+        found += _runs_in(sweep)
+    return sorted(found, key=lambda g: group_label(runs, g))
+
+
+def group_label(runs: Path, group: GroupDir) -> str:
+    """A run's name in ``runs``: its folder name, or ``<sweep>/<cell>`` for a sweep's cell."""
+    return group.root.relative_to(Path(runs)).as_posix()
+
+
+def list_sweeps(runs: Path) -> list[Path]:
+    runs = Path(runs)
+    if not runs.is_dir():
+        return []
+    return sorted(p for p in runs.iterdir() if (p / SWEEP_STATE).exists())

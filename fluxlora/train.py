@@ -254,7 +254,7 @@ def train_loop(prep: Prepared, t, s, arm: ArmDir, info: adapters.AdapterInfo, re
                 log({"step": done, "loss": loss_total, "lr": lr_scheduler.get_last_lr()[0],
                      "grad_norm": float(grad_norm), "clipped": clipped(grad_norm, t.max_grad_norm),
                      "step_time": time.perf_counter() - t0, "time": time.time(), **rec})
-            bar.set_postfix(loss=f"{loss_total:.4f}")
+            bar.set_postfix(loss=f"{loss_total:.4f}", refresh=False)  # drawn at the bar's own interval
             if due(done, s.every, t.steps):
                 sample_step(prep, model, arm, done, s, resolution, log)
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:

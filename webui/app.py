@@ -2,7 +2,7 @@
 
 Layout: a run browser on top (live status), then tabs: Steps (the grid, rows = arms, columns = prompt x
 seed, one slider for all rows), Curves, Facts, Generate (every arm's adapter on one loaded base),
-Launch (upload a subject, start `fluxlora train`), Download. Files are served only from the runs folder.
+Launch (upload a subject, start `fluxlora train`), Download, Sweeps (a sweep's report.md and plots). Files are served only from the runs folder.
 """
 
 from __future__ import annotations
@@ -103,6 +103,14 @@ def _launch_tab():
     return [files, name, trigger, prompt, arms, rank, steps, res, model], start, cancel, status, log
 
 
+def _sweeps_tab():
+    with gr.Row():
+        pick = gr.Dropdown([], label="Sweep (runs/<sweep>/sweep.json)", elem_id="sweep-pick", scale=4)
+        reload = gr.Button("Reload report", elem_id="sweep-reload", size="sm", scale=1)
+    report = gr.Markdown("open this tab to list the sweeps", elem_id="sweep-report")
+    return pick, reload, report
+
+
 def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
     h = Handlers(runs)
     with gr.Blocks(title="fluxlora — side by side") as demo:
@@ -121,6 +129,8 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
                 form, start, cancel, l_status, l_log = _launch_tab()
             with gr.Tab("Download", id="download"):
                 downloads = gr.HTML(elem_id="downloads")
+            with gr.Tab("Sweeps", id="sweeps") as sweeps_tab:
+                s_pick, s_reload, s_report = _sweeps_tab()
         launched, playing = gr.State(None), gr.State(False)
         live, player = gr.Timer(REFRESH_SECONDS), gr.Timer(1.0, active=False)
 
@@ -138,6 +148,8 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
         g_go.click(h.generate, [pick, g_prompt, g_seed, g_steps, g_base], g_out, concurrency_limit=1)
         start.click(h.launch, form, [launched, l_status])
         cancel.click(h.cancel, launched, l_status)
+        for event in (sweeps_tab.select, s_pick.input, s_reload.click):
+            event(h.sweeps, s_pick, [s_pick, s_report])
     return demo, h
 
 

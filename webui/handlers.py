@@ -86,6 +86,13 @@ class Handlers:
         later = [s for s in steps if s > current]
         return later[0] if later else steps[0]
 
+    # --- sweeps -------------------------------------------------------------------------------------
+    def sweeps(self, current: str | None):
+        """The sweep list (kept in step with the runs folder) and the chosen sweep's report."""
+        names = views.sweep_names(self.runs)
+        value = current if current in names else (names[0] if names else None)
+        return gr.update(choices=names, value=value), views.sweep_report(self.runs, value, FILE_ROUTE)
+
     # --- curves, facts, downloads ----------------------------------------------------------------
     def panels(self, name: str | None):
         group = views.open_group(self.runs, name)

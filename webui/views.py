@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
-from fluxlora.rundir import ArmDir, GroupDir, list_groups, read_json, step_name
+from fluxlora.rundir import SWEEP_STATE, ArmDir, GroupDir, group_label, list_groups, list_sweeps, read_json, step_name
 
 LOSS_SMOOTHING = 0.9  # exponential moving average factor of the displayed loss curve
 FACT_COLUMNS = ["arm", "method", "rank", "scale", "lr", "clipped", "trainable params", "init s", "steps/s",
@@ -44,7 +45,7 @@ def groups_table(runs: Path) -> pd.DataFrame:
         status, done, total = group_progress(g)
         pct = f"{100 * done / total:.0f}%" if total else "-"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("created", 0)))
-        rows.append({"run": g.root.name, "arms": ", ".join(info.get("arms", [])), "status": status,
+        rows.append({"run": group_label(runs, g), "arms": ", ".join(info.get("arms", [])), "status": status,
                      "progress": f"{done}/{total} ({pct})", "created": created})
     return pd.DataFrame(rows, columns=["run", "arms", "status", "progress", "created"])
 
@@ -54,7 +55,7 @@ def open_group(runs: Path, name: str | None) -> GroupDir | None:
     (so a crafted name like ``../x`` can never select a folder outside the runs folder)."""
     if not name:
         return None
-    return next((g for g in list_groups(runs) if g.root.name == name), None)
+    return next((g for g in list_groups(runs) if group_label(runs, g) == name), None)
 
 
 def sample_steps(group: GroupDir) -> list[int]:
@@ -169,3 +170,24 @@ def facts_empty() -> pd.DataFrame:
 def adapter_files(group: GroupDir) -> list[tuple[str, str, Path]]:
     """(arm, format, exported adapter file) of every arm's files, in the format table's order."""
     return [(arm.name, fmt, path) for arm in group.arms() for fmt, path in arm.export_files()]
+
+
+def sweep_names(runs: Path) -> list[str]:
+    return [p.name for p in list_sweeps(runs)]
+
+
+def sweep_report(runs: Path, name: str | None, file_route: str) -> str:
+    """The sweep's progress line and report.md, its plot links pointing at the runs-folder file route."""
+    folder = next((p for p in list_sweeps(runs) if p.name == name), None)
+    if folder is None:
+        return "no sweep selected (start one with `fluxlora sweep sweep.yaml`)"
+    state = read_json(folder / SWEEP_STATE, {}) or {}
+    eta = state.get("eta_s")
+    head = (f"**{name}**: {state.get('done', 0)} / {state.get('total', '?')} cells done, status "
+            f"{state.get('status', '?')}" + (f", about {eta / 60:.0f} min left" if eta and state.get("status") ==
+                                            "running" else "") + f". Its cells are in the run list as `{name}/<cell>`.")
+    report = folder / "report.md"
+    if not report.is_file():
+        return head + "\n\nno report yet (it is written after the first cell finishes)"
+    text = report.read_text(encoding="utf-8")
+    return head + "\n\n" + text.replace("](plots/", f"]({file_route}/{quote(name)}/plots/")

@@ -1,0 +1,120 @@
+"""The sweep report's PNG plots (matplotlib, no display needed):
+
+- ``<metric>_steps.png``: the metric over training steps, each arm at its own best value of the chosen
+  field, mean over seeds with a +-sd band; one panel per remaining setting (e.g. per rank).
+- ``<metric>_by_<field>.png``: the final value against every value of the chosen field (the sensitivity
+  the choice was made from), mean +- sd over seeds; one panel per remaining setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fluxlora import metric_info
+from fluxlora.report import ArmRun, by_setting, finals, mean_sd
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels(keys) -> list[tuple]:
+    """The remaining settings (without the arm), one panel each, in a stable order."""
+    return sorted({k[1:] for k in keys}, key=str)
+
+
+def _title(panel: tuple) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in panel) or "all"
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _band(ax, runs: list[ArmRun], metric: str, label: str) -> None:
+    steps = sorted({s for r in runs for s in r.series.get(metric, {})})
+    stats = [mean_sd([r.series[metric][s] for r in runs if s in r.series.get(metric, {})]) for s in steps]
+    if not steps:
+        return
+    mean = [m for m, _, _ in stats]
+    sd = [d or 0.0 for _, d, _ in stats]
+    line, = ax.plot(steps, mean, marker="o", ms=3, label=label)
+    ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                    color=line.get_color(), alpha=0.15)
+
+
+def _axes(plt, n: int):
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.4), squeeze=False)
+    return fig, axes[0]
+
+
+def _ylabel(metric: str) -> str:
+    m = metric_info.METRICS.get(metric)
+    return f"{metric} ({m.arrow})" if m else metric
+
+
+def steps_plot(out: Path, best: dict[tuple, list[ArmRun]], chosen: str | None, metric: str) -> str | None:
+    if not any(metric in r.series for runs in best.values() for r in runs):
+        return None
+    plt = _pyplot()
+    panels = _panels(best)
+    fig, axes = _axes(plt, len(panels))
+    for ax, panel in zip(axes, panels):
+        for key, runs in sorted(best.items()):
+            if key[1:] == panel:
+                pick = f" @ {chosen.rsplit('.', 1)[-1]}={runs[0].values[chosen]}" if chosen else ""
+                _band(ax, runs, metric, f"{key[0]}{pick}")
+        ax.set(title=_title(panel), xlabel="step", ylabel=_ylabel(metric))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    name = f"{metric}_steps.png"
+    _save(fig, out / name)
+    plt.close(fig)
+    return name
+
+
+def sensitivity_plot(out: Path, runs: list[ArmRun], seeds: str | None, chosen: str, metric: str) -> str | None:
+    groups = by_setting(runs, tuple(k for k in (seeds, chosen) if k))
+    if not any(finals(g, metric) for g in groups.values()):
+        return None
+    plt = _pyplot()
+    panels = _panels(groups)
+    fig, axes = _axes(plt, len(panels))
+    for ax, panel in zip(axes, panels):
+        for key, group in sorted(groups.items()):
+            if key[1:] != panel:
+                continue
+            options = sorted(by_setting(group, (seeds,) if seeds else ()).values(), key=lambda g: g[0].values[chosen])
+            points = [(g[0].values[chosen], mean_sd(v)) for g in options if (v := finals(g, metric))]
+            xs = [x for x, _ in points]
+            ax.errorbar(xs, [m for _, (m, _, _) in points], yerr=[sd or 0 for _, (_, sd, _) in points],
+                        marker="o", ms=3, capsize=3, label=key[0])
+            if all(isinstance(x, (int, float)) and x > 0 for x in xs):
+                ax.set_xscale("log")
+        ax.set(title=_title(panel), xlabel=chosen, ylabel=_ylabel(metric))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    name = f"{metric}_by_{chosen.rsplit('.', 1)[-1]}.png"
+    _save(fig, out / name)
+    plt.close(fig)
+    return name
+
+
+def draw(out: Path, runs: list[ArmRun], best: dict, seeds: str | None, chosen: str | None,
+         metrics: list[str]) -> list[str]:
+    """Every plot for ``metrics``; returns the file names written into ``out``."""
+    if not runs:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    names = [steps_plot(out, best, chosen, m) for m in metrics]
+    if chosen:
+        names += [sensitivity_plot(out, runs, seeds, chosen, m) for m in metrics]
+    return [n for n in names if n]
