@@ -73,6 +73,31 @@ def test_file_guard_serves_only_files_inside_the_runs_folder(tmp_path):
     for bad in ("../secret.png", "tiny/../../secret.png", str(outside), "tiny/link.png", "tiny/loop.png",
                 "tiny/lora", "tiny/.lock", "tiny/lora/checkpoints/missing.png", "tiny/config.py", "a\x00b.png", ""):
         assert resolve_inside(runs, bad) is None, bad
+    step = runs / "tiny" / "lora" / "checkpoints" / "step-000002"
+    step.mkdir()
+    for name in ("adapter.safetensors", "trainer.pt"):
+        (step / name).write_bytes(b"x")
+    (runs / "tiny" / "lora" / "metrics.jsonl").write_text("{}")
+    for private in ("tiny/lora/checkpoints/step-000002/adapter.safetensors",
+                    "tiny/lora/checkpoints/step-000002/trainer.pt", "tiny/lora/metrics.jsonl"):
+        assert resolve_inside(runs, private) is None, private
+
+
+def test_gradio_file_route_gets_the_same_rule_inside_the_runs_folder(tmp_path):
+    from webui.files import refused_by_gradio_route
+
+    runs = tmp_path / "runs"
+    (runs / "tiny" / "lora" / "samples" / "step-000000").mkdir(parents=True)
+    sample = runs / "tiny" / "lora" / "samples" / "step-000000" / "00.png"
+    sample.write_bytes(b"x")
+    (runs / "tiny" / ".lock").write_text("1")
+    assert not refused_by_gradio_route(runs, f"/gradio_api/file={sample}")
+    assert not refused_by_gradio_route(runs, "/gradio_api/file=/tmp/gradio/abc/image.png")  # Gradio's cache
+    assert not refused_by_gradio_route(runs, f"/runs-file/{sample}")  # another route: its own rule
+    for bad in (f"/gradio_api/file={runs}/tiny/.lock", f"/file={runs}/tiny/lora/checkpoints/step-000002/trainer.pt",
+                f"/gradio_api/file={runs}/tiny/lora/samples/step-000000/../../metrics.jsonl",
+                f"/gradio_api/file={str(runs).replace('/', '%2F')}%2Ftiny%2F.lock"):
+        assert refused_by_gradio_route(runs, bad), bad
 
 
 def test_auth_value_is_checked():

@@ -176,3 +176,51 @@ def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux)
                          timeout=300_000)
     pg.screenshot(path=str(ARTIFACTS / "launch.png"), full_page=True)
     assert (runs / "from_browser" / "lora" / "adapter.safetensors").is_file(), handlers.jobs.log_tail("from_browser")
+
+
+def _picked(pg) -> str:
+    return pg.locator("#group-pick input").first.input_value()
+
+
+def test_a_run_created_after_start_is_listed_and_every_click_selects_the_row_clicked(server):
+    """The freeze: the page's first table is the one the server built at start; a click on it must select the
+    run that row shows (not the run now at that index), and the selector must accept every listed name."""
+    import json
+
+    url, runs, _ = server
+    late = runs / "zz_late"
+    shutil.copytree(runs / "tiny", late, ignore=shutil.ignore_patterns(".lock"))
+    info = json.loads((late / "group.json").read_text())
+    (late / "group.json").write_text(json.dumps({**info, "name": "zz_late", "created": time.time()}))
+    exe = _chromium()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+        pg.set_default_timeout(60_000)
+        errors = []
+        pg.on("console", lambda m: errors.append(m.text) if "not in the list of choices" in m.text else None)
+        pg.goto(url + "/")
+        pg.locator("#groups-table").get_by_text("tiny", exact=True).locator("visible=true").first.click()  # at once, as the page loads
+        pg.wait_for_function("() => document.querySelector('#groups-table').innerText.includes('zz_late')")
+        pg.wait_for_function("() => document.querySelector('#group-pick input').value === 'tiny'")
+        pg.locator("#groups-table").get_by_text("zz_late", exact=True).locator("visible=true").first.click()
+        pg.wait_for_function("() => document.querySelector('#group-pick input').value === 'zz_late'")
+        pg.wait_for_function("() => document.querySelector('#grid-caption').innerText.includes('step 4')")
+        pg.locator("#groups-table").get_by_text("tiny", exact=True).locator("visible=true").first.click()
+        pg.wait_for_function("() => document.querySelector('#group-pick input').value === 'tiny'")
+        assert "not in the list of choices" not in pg.content() and not errors
+        browser.close()
+
+
+def test_private_files_are_refused_through_both_routes(page, server):
+    url, runs, _ = server
+    ckpt = next((runs / "tiny" / "lora" / "checkpoints").glob("step-*"))
+    sample = next((runs / "tiny" / "lora" / "samples").glob("step-*/*.png"))
+    for rel in (f"{ckpt.relative_to(runs)}/trainer.pt", f"{ckpt.relative_to(runs)}/adapter.safetensors",
+                "tiny/lora/metrics.jsonl", "tiny/config.yaml"):
+        for route in (f"/runs-file/{rel}", f"/gradio_api/file={runs / rel}"):
+            response = page.request.get(url + route, max_redirects=0)
+            assert response.status in (403, 404), (route, response.status)
+    for route in (f"/runs-file/{sample.relative_to(runs)}", f"/gradio_api/file={sample}"):
+        response = page.request.get(url + route)
+        assert response.ok and response.body() == sample.read_bytes(), route

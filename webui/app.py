@@ -14,7 +14,7 @@ import gradio as gr
 
 from fluxlora.config import KNOWN_INITS
 from webui import views
-from webui.files import BasicAuth, add_file_route, parse_auth
+from webui.files import BasicAuth, RunsFileGuard, add_file_route, parse_auth
 from webui.handlers import FILE_ROUTE, Handlers
 from webui.launch import MAX_IMAGE_BYTES, MAX_IMAGES, MIN_IMAGES, UPLOADS
 
@@ -136,8 +136,8 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
 
         group_outputs = [slider, grid, grid, caption, loss, facts, downloads]
         pick.change(h.select_group, pick, group_outputs)
-        demo.load(h.select_group, pick, group_outputs)
-        table.select(h.pick_row, None, pick)
+        demo.load(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs)
+        table.select(h.pick_row, pick, [table, pick])
         refresh.click(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs)
         # one event for every way the step changes: dragging, typing, the play timer, a new group
         slider.change(h.move_step, [pick, slider], [grid, grid, caption], trigger_mode="always_last")
@@ -161,6 +161,7 @@ def create_app(runs: Path, auth: str | None = None):
     demo, handlers = build(runs)
     app = FastAPI()
     add_file_route(app, runs, FILE_ROUTE)
+    app.add_middleware(RunsFileGuard, runs=runs)
     credentials = parse_auth(auth)
     if credentials:
         app.add_middleware(BasicAuth, user=credentials[0], password=credentials[1])

@@ -12,7 +12,9 @@ from fastapi.responses import FileResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import Response
 
-SERVED_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".safetensors", ".json", ".jsonl", ".yaml", ".log"}
+SERVED_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".safetensors"}  # samples, plots, exports
+PRIVATE_DIRS = {"checkpoints"}  # trainer state (optimizer, RNG): never served, whatever the suffix
+GRADIO_FILE_PREFIXES = ("/gradio_api/file=", "/file=")
 
 
 def resolve_inside(root: Path, relative: str) -> Path | None:
@@ -32,7 +34,41 @@ def resolve_inside(root: Path, relative: str) -> Path | None:
     parts = target.relative_to(root).parts
     if any(p.startswith(".") for p in parts):  # lock files, temp folders, uploads in progress
         return None
+    if any(p in PRIVATE_DIRS for p in parts[1:-1]):  # inside a run: <run>/<arm>/checkpoints/...
+        return None
     return target
+
+
+def refused_by_gradio_route(runs: Path, url_path: str) -> bool:
+    """Whether a request for Gradio's own file route names a file inside ``runs`` that the rule above does not
+    serve (Gradio serves any file under its allowed paths; the gallery's images come from its cache)."""
+    from urllib.parse import unquote
+
+    prefix = next((p for p in GRADIO_FILE_PREFIXES if url_path.startswith(p)), None)
+    if prefix is None:
+        return False
+    asked = unquote(url_path[len(prefix):])
+    try:
+        target = Path(asked).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return True
+    root = runs.resolve()
+    if not target.is_relative_to(root):
+        return False  # not ours: Gradio's own checks decide (its cache, its temp files)
+    return resolve_inside(root, target.relative_to(root).as_posix()) is None
+
+
+class RunsFileGuard(BaseHTTPMiddleware):
+    """Applies the runs folder's serving rule to Gradio's file route as well."""
+
+    def __init__(self, app, runs: Path):
+        super().__init__(app)
+        self.runs = Path(runs)
+
+    async def dispatch(self, request, call_next):
+        if refused_by_gradio_route(self.runs, request.url.path):
+            return Response("not served", status_code=404)
+        return await call_next(request)
 
 
 def add_file_route(app: FastAPI, runs: Path, prefix: str = "/runs-file") -> None:

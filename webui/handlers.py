@@ -31,20 +31,23 @@ class Handlers:
         self.threads: int | None = None  # webui --threads: the generation's torch threads (fluxlora/threads.py)
 
     # --- run browser ---------------------------------------------------------------------------
-    def group_names(self) -> list[str]:
-        return list(views.groups_table(self.runs)["run"])
-
     def refresh_groups(self, current: str | None):
+        """The run table and the selector's choices from one reading of the runs folder (a selector whose
+        choices lag behind the table would reject a name the table shows, and Gradio then refuses every later
+        event of the page)."""
         self.jobs.any_running()  # reaps launched trainings that finished (no zombie until the server exits)
         table = views.groups_table(self.runs)  # reads every group's status files: once per refresh
         names = list(table["run"])
         value = current if current in names else (names[0] if names else None)
         return table, gr.update(choices=names, value=value)
 
-    def pick_row(self, evt: gr.SelectData):
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        names = self.group_names()
-        return names[row] if 0 <= row < len(names) else gr.update()
+    def pick_row(self, current: str | None, evt: gr.SelectData):
+        """A click in the run table selects the run named in the clicked row (what the user saw, however old
+        the table is), with the table and choices refreshed together."""
+        row = evt.row_value if isinstance(evt.row_value, (list, tuple)) else None
+        name = str(row[0]) if row else current
+        table, pick = self.refresh_groups(name)
+        return table, pick
 
     # --- step grid -----------------------------------------------------------------------------
     def select_group(self, name: str | None):
