@@ -3,6 +3,7 @@ upload checks, launching and cancelling a training subprocess, and generation on
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -45,6 +46,53 @@ def test_views_of_a_finished_group(finished_group):
     assert [(a, f) for a, f, _ in views.adapter_files(group)] == [  # every format's file, from the format table
         ("lora", "diffusers"), ("lora", "comfyui"), ("loram", "diffusers"), ("loram", "comfyui")]
     assert views.open_group(runs, "../tiny") is None and views.open_group(runs, "tiny").root == group.root
+
+
+def test_an_unchanged_run_table_is_not_redrawn(finished_group):
+    import gradio as gr
+
+    from webui import views
+    from webui.handlers import Handlers
+
+    h = Handlers(finished_group[0])
+    table, pick = h.refresh_groups(None)
+    assert list(table["run"]) == ["tiny"] and pick["value"] == "tiny" and pick["choices"] == ["tiny"]
+    as_sent = table.astype(str)  # what the page sends back
+    again, pick = h.refresh_groups("tiny", as_sent)
+    assert again == gr.update() and pick["choices"] == ["tiny"]
+    assert not views.same_rows(as_sent.iloc[:0], table)
+
+
+def _new_step(root, step: int) -> None:
+    """What a training run adds at a sample step: a sample folder per arm and a metrics record."""
+    import shutil
+
+    for arm in ("lora", "loram"):
+        samples = root / arm / "samples"
+        shutil.copytree(samples / "step-000004", samples / f"step-{step:06d}")
+        with open(root / arm / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "subject_fidelity": 0.5}) + "\n")
+
+
+def test_the_live_view_sends_nothing_until_the_run_has_something_new(finished_group, tmp_path):
+    import shutil
+
+    import gradio as gr
+
+    from webui.handlers import Handlers
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished_group[0], runs)
+    h = Handlers(runs)
+    seen = h.seen("tiny")
+    assert h.live("tiny", 4, seen) == (gr.update(), gr.update(), gr.update(), gr.update(), seen)
+    _new_step(runs / "tiny", 6)
+    slider, loss, facts, downloads, now = h.live("tiny", 4, seen)
+    assert slider["maximum"] == 6 and slider["value"] == 6  # it was at the newest step: it follows
+    assert now != seen and h.live("tiny", 6, now)[-1] == now
+    _new_step(runs / "tiny", 8)
+    slider, *_ = h.live("tiny", 2, now)  # looking at an earlier step: the slider grows and stays there
+    assert slider["maximum"] == 8 and "value" not in slider
 
 
 def test_smoothing_is_a_bias_corrected_moving_average():

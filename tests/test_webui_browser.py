@@ -4,6 +4,7 @@ Screenshots are written to test-artifacts/webui/ (override with FLUXLORA_ARTIFAC
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -170,7 +171,7 @@ def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux)
     _field(pg, "launch-res").press("Enter")
     pg.locator("#launch-btn").click()
     pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('started')")
-    pg.wait_for_function("() => document.querySelector('#groups-table').innerText.includes('from_browser')",
+    pg.wait_for_function("() => document.querySelector('#groups-table')?.innerText.includes('from_browser')",
                          timeout=240_000)
     pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('finished')",
                          timeout=300_000)
@@ -178,11 +179,29 @@ def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux)
     assert (runs / "from_browser" / "lora" / "adapter.safetensors").is_file(), handlers.jobs.log_tail("from_browser")
 
 
-def _picked(pg) -> str:
-    return pg.locator("#group-pick input").first.input_value()
+def _wait_picked(pg, name: str) -> None:
+    """Wait until the run selector shows ``name`` (saying what it shows instead when it does not)."""
+    try:
+        pg.wait_for_function(f"() => document.querySelector('#group-pick input').value === '{name}'",
+                             timeout=30_000)
+    except playwright.TimeoutError:
+        shown = pg.locator("#group-pick input").first.input_value()
+        raise AssertionError(f"the selector shows {shown!r}, not {name!r}; table: "
+                             f"{pg.locator('#groups-table').inner_text()[:300]!r}") from None
 
 
-def test_a_run_created_after_start_is_listed_and_every_click_selects_the_row_clicked(server):
+@contextlib.contextmanager
+def _fresh_page(page):
+    """A new tab in the module's browser: the page as a user who opens the UI now sees it."""
+    pg = page.context.browser.new_page(viewport={"width": 1280, "height": 1000})
+    pg.set_default_timeout(60_000)
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+def test_a_run_created_after_start_is_listed_and_every_click_selects_the_row_clicked(page, server):
     """The freeze: the page's first table is the one the server built at start; a click on it must select the
     run that row shows (not the run now at that index), and the selector must accept every listed name."""
     import json
@@ -192,24 +211,20 @@ def test_a_run_created_after_start_is_listed_and_every_click_selects_the_row_cli
     shutil.copytree(runs / "tiny", late, ignore=shutil.ignore_patterns(".lock"))
     info = json.loads((late / "group.json").read_text())
     (late / "group.json").write_text(json.dumps({**info, "name": "zz_late", "created": time.time()}))
-    exe = _chromium()
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
-        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
-        pg.set_default_timeout(60_000)
+    with _fresh_page(page) as pg:
         errors = []
         pg.on("console", lambda m: errors.append(m.text) if "not in the list of choices" in m.text else None)
         pg.goto(url + "/")
         pg.locator("#groups-table").get_by_text("tiny", exact=True).locator("visible=true").first.click()  # at once, as the page loads
-        pg.wait_for_function("() => document.querySelector('#groups-table').innerText.includes('zz_late')")
-        pg.wait_for_function("() => document.querySelector('#group-pick input').value === 'tiny'")
+        pg.wait_for_function("() => document.querySelector('#groups-table')?.innerText.includes('zz_late')")
+        first = pg.locator("#group-pick input").first.input_value()  # the row under the pointer when it landed
+        assert first in ("tiny", "zz_late", "from_browser"), first
         pg.locator("#groups-table").get_by_text("zz_late", exact=True).locator("visible=true").first.click()
-        pg.wait_for_function("() => document.querySelector('#group-pick input').value === 'zz_late'")
+        _wait_picked(pg, "zz_late")
         pg.wait_for_function("() => document.querySelector('#grid-caption').innerText.includes('step 4')")
         pg.locator("#groups-table").get_by_text("tiny", exact=True).locator("visible=true").first.click()
-        pg.wait_for_function("() => document.querySelector('#group-pick input').value === 'tiny'")
+        _wait_picked(pg, "tiny")
         assert "not in the list of choices" not in pg.content() and not errors
-        browser.close()
 
 
 def test_private_files_are_refused_through_both_routes(page, server):
@@ -224,3 +239,31 @@ def test_private_files_are_refused_through_both_routes(page, server):
     for route in (f"/runs-file/{sample.relative_to(runs)}", f"/gradio_api/file={sample}"):
         response = page.request.get(url + route)
         assert response.ok and response.body() == sample.read_bytes(), route
+
+
+def test_new_samples_and_metrics_appear_without_a_click(page, server):
+    import json
+
+    url, runs, _ = server
+    with _fresh_page(page) as pg:
+        pg.goto(url + "/")
+        pg.wait_for_function("() => document.querySelector('#groups-table')?.innerText.includes('zz_late')")
+        pg.locator("#groups-table").get_by_text("tiny", exact=True).locator("visible=true").first.click()
+        _wait_picked(pg, "tiny")
+        pg.wait_for_function("() => document.querySelector('#grid-caption')?.innerText.includes('step 4 of 4')")
+        for arm in ("lora", "loram"):  # what a training run adds at its next sample step
+            samples = runs / "tiny" / arm / "samples"
+            shutil.copytree(samples / "step-000004", samples / "step-000006")
+            with open(runs / "tiny" / arm / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": 6, "subject_fidelity": 0.5}) + "\n")
+        try:
+            pg.wait_for_function("() => document.querySelector('#grid-caption').innerText.includes('step 6 of 6')",
+                                 timeout=30_000)
+        except playwright.TimeoutError:
+            raise AssertionError(f"caption {pg.locator('#grid-caption').inner_text()!r}, picked "
+                                 f"{pg.locator('#group-pick input').first.input_value()!r}, slider "
+                                 f"{pg.locator('#step-slider input[type=number]').input_value()!r}") from None
+        labels = pg.locator("#step-grid").inner_text()
+        assert "lora · step 6" in labels and "loram · step 6" in labels
+        pg.get_by_role("tab", name="Curves").click()
+        pg.wait_for_selector("text=subject_fidelity")

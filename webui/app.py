@@ -49,12 +49,12 @@ def _steps_tab():
     return slider, play, caption, grid
 
 
-def _curves_tab(h: Handlers, pick):
+def _curves_tab(h: Handlers, pick, seen):
     loss = gr.LinePlot(views.loss_curves_empty(), x="step", y="loss", color="arm", title="loss (smoothed)",
                        tooltip=["arm", "step", "loss", "raw"], elem_id="loss-plot", height=280)
 
-    @gr.render(inputs=pick)
-    def metric_plots(name):
+    @gr.render(inputs=[pick, seen])  # redrawn when the run changes or has new metric points
+    def metric_plots(name, _seen):
         group = views.open_group(h.runs, name)
         if group is None:
             return
@@ -116,11 +116,12 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
     with gr.Blocks(title="fluxlora — side by side") as demo:
         gr.Markdown("## fluxlora · LoRA initializations side by side")
         table, pick, refresh = _browser(h)
+        seen = gr.State("")  # the chosen run's views.signature when last drawn (the live view compares it)
         with gr.Tabs():
             with gr.Tab("Steps", id="steps"):
                 slider, play, caption, grid = _steps_tab()
             with gr.Tab("Curves", id="curves"):
-                loss = _curves_tab(h, pick)
+                loss = _curves_tab(h, pick, seen)
             with gr.Tab("Facts", id="facts"):
                 facts = gr.Dataframe(views.facts_empty(), interactive=False, elem_id="facts-table")
             with gr.Tab("Generate", id="generate"):
@@ -135,15 +136,17 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
         live, player = gr.Timer(REFRESH_SECONDS), gr.Timer(1.0, active=False)
 
         group_outputs = [slider, grid, grid, caption, loss, facts, downloads]
-        pick.change(h.select_group, pick, group_outputs)
-        demo.load(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs)
+        pick.change(h.select_group, pick, group_outputs).then(h.seen, pick, seen)
+        demo.load(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs).then(
+            h.seen, pick, seen)
         table.select(h.pick_row, pick, [table, pick])
         refresh.click(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs)
         # one event for every way the step changes: dragging, typing, the play timer, a new group
         slider.change(h.move_step, [pick, slider], [grid, grid, caption], trigger_mode="always_last")
         play.click(h.play, playing, [playing, player, play])
         player.tick(h.tick_play, [pick, slider], slider)
-        live.tick(h.refresh_groups, pick, [table, pick], show_progress="hidden")
+        live.tick(h.refresh_groups, [pick, table], [table, pick], show_progress="hidden")
+        live.tick(h.live, [pick, slider, seen], [slider, loss, facts, downloads, seen], show_progress="hidden")
         live.tick(h.launch_progress, launched, [l_status, l_log], show_progress="hidden")
         g_go.click(h.generate, [pick, g_prompt, g_seed, g_steps, g_base], g_out, concurrency_limit=1)
         start.click(h.launch, form, [launched, l_status])

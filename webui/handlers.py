@@ -31,15 +31,17 @@ class Handlers:
         self.threads: int | None = None  # webui --threads: the generation's torch threads (fluxlora/threads.py)
 
     # --- run browser ---------------------------------------------------------------------------
-    def refresh_groups(self, current: str | None):
+    def refresh_groups(self, current: str | None, shown=None):
         """The run table and the selector's choices from one reading of the runs folder (a selector whose
         choices lag behind the table would reject a name the table shows, and Gradio then refuses every later
-        event of the page)."""
+        event of the page). ``shown``: the table the page shows; when nothing changed it is not redrawn (a
+        redraw under the pointer would swallow a click)."""
         self.jobs.any_running()  # reaps launched trainings that finished (no zombie until the server exits)
         table = views.groups_table(self.runs)  # reads every group's status files: once per refresh
         names = list(table["run"])
         value = current if current in names else (names[0] if names else None)
-        return table, gr.update(choices=names, value=value)
+        same = shown is not None and views.same_rows(shown, table)
+        return (gr.update() if same else table), gr.update(choices=names, value=value)
 
     def pick_row(self, current: str | None, evt: gr.SelectData):
         """A click in the run table selects the run named in the clicked row (what the user saw, however old
@@ -75,6 +77,26 @@ class Handlers:
             return [], gr.update(), "no samples yet"
         items, cols, label = self._grid(group, steps, wanted)
         return items, gr.update(columns=cols), label
+
+    def live(self, name: str | None, current: float, seen: str | None):
+        """The live view (polled): when the chosen run has new samples or metric points, the slider grows
+        (and follows to the newest step if it was at the newest before; moving it redraws the grid) and the
+        curves, facts and downloads are redrawn. Nothing new: nothing is sent, no image is reloaded."""
+        group = views.open_group(self.runs, name)
+        sig = views.signature(group)
+        if sig == seen or group is None:
+            return gr.update(), gr.update(), gr.update(), gr.update(), seen
+        steps, before = views.signature_steps(sig), views.signature_steps(seen)
+        slider = gr.update()
+        if steps:
+            follow = not before or current >= before[-1]
+            stride = reduce(math.gcd, [b - a for a, b in zip(steps, steps[1:])], 0) or 1
+            slider = gr.update(minimum=steps[0], maximum=steps[-1], step=stride, interactive=True,
+                               **({"value": steps[-1]} if follow else {}))
+        return slider, *self.panels(name), sig
+
+    def seen(self, name: str | None) -> str:
+        return views.signature(views.open_group(self.runs, name))
 
     def play(self, playing: bool):
         playing = not playing

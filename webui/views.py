@@ -50,6 +50,11 @@ def groups_table(runs: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "arms", "status", "progress", "created"])
 
 
+def same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two run tables show the same text (a table sent back by the page has its own dtypes)."""
+    return list(a.columns) == list(b.columns) and a.astype(str).values.tolist() == b.astype(str).values.tolist()
+
+
 def open_group(runs: Path, name: str | None) -> GroupDir | None:
     """The group called ``name`` inside ``runs``; None for anything that is not one of its groups
     (so a crafted name like ``../x`` can never select a folder outside the runs folder)."""
@@ -61,6 +66,27 @@ def open_group(runs: Path, name: str | None) -> GroupDir | None:
 def sample_steps(group: GroupDir) -> list[int]:
     """Every step for which at least one arm has a complete sample folder, ascending."""
     return sorted({s for arm in group.arms() for s in arm.sample_steps()})
+
+
+def signature(group: GroupDir | None) -> str:
+    """What changes while a run trains, cheaply (sample folders and metrics file sizes): the live view
+    reloads only when this changes. JSON: {"steps": [...], "files": [...]}."""
+    import json
+
+    if group is None:
+        return ""
+    files = [(a.name, a.metrics_file.stat().st_size if a.metrics_file.exists() else 0,
+              a.status().get("status")) for a in group.arms()]
+    return json.dumps({"steps": sample_steps(group), "files": files})
+
+
+def signature_steps(sig: str | None) -> list[int]:
+    import json
+
+    try:
+        return list(json.loads(sig)["steps"]) if sig else []
+    except (ValueError, KeyError, TypeError):
+        return []
 
 
 def nearest_step(steps: list[int], wanted: float) -> int | None:
