@@ -148,6 +148,15 @@ def test_gradio_file_route_gets_the_same_rule_inside_the_runs_folder(tmp_path):
         assert refused_by_gradio_route(runs, bad), bad
 
 
+def test_the_log_tail_keeps_the_last_redraw_of_each_progress_bar():
+    from webui.launch import collapse_progress
+
+    lines = ["validation: 3 held-out image(s)", "lora:  10%|#    | 40/400 [00:02<00:18]",
+             "lora:  20%|##   | 80/400 [00:04<00:16]", "lora: 100%|#####| 400/400 [00:20<00:00]",
+             "pissa:   5%|     | 20/400 [00:01<00:19]", "pissa:  10%|#    | 40/400 [00:02<00:18]", "done"]
+    assert collapse_progress(lines) == [lines[0], lines[3], lines[5], "done"]
+
+
 def test_auth_value_is_checked():
     from webui.files import parse_auth
 

@@ -160,10 +160,17 @@ def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux)
         files.append(tmp_path / f"s{i}.png")
         Image.new("RGB", (64, 64), (200, 60 * i, 30)).save(files[-1])
     pg.get_by_role("tab", name="Launch").click()
-    pg.locator("#launch-files input[type=file]").set_input_files([str(f) for f in files])
+    assert pg.locator("#launch-res input").input_value() == "64"  # the default model is the toy one
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(30 * 2**20))  # over the per-image limit: refused alone
+    pg.locator("#launch-files input[type=file]").set_input_files([str(f) for f in files] + [str(big)])
+    pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('big.png')")
+    assert "over the 20 MB limit" in pg.locator("#launch-status").inner_text()
     pg.wait_for_function("() => document.querySelector('#launch-files').innerText.includes('s2')")
+    assert "big.png" not in pg.locator("#launch-files").inner_text()
     _field(pg, "launch-name").fill("from_browser")
     _field(pg, "launch-model").fill(str(tiny_flux))
+    pg.wait_for_function("() => document.querySelector('#launch-res input').value === '512'")  # not the toy
     _field(pg, "launch-steps").fill("2")
     for arm in ("pissa", "loram"):
         pg.locator("#launch-arms").get_by_label(arm, exact=True).uncheck()

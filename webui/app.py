@@ -16,7 +16,8 @@ from fluxlora.config import KNOWN_INITS
 from webui import views
 from webui.files import BasicAuth, RunsFileGuard, add_file_route, parse_auth
 from webui.handlers import FILE_ROUTE, Handlers
-from webui.launch import MAX_IMAGE_BYTES, MAX_IMAGES, MIN_IMAGES, UPLOADS
+from fluxlora.metric_info import METRICS
+from webui.launch import MAX_IMAGE_BYTES, MAX_IMAGES, MAX_UPLOAD_BYTES, MIN_IMAGES, UPLOADS
 
 CSS = """
 #step-grid, #generate-out { max-width: 880px; }
@@ -50,7 +51,8 @@ def _steps_tab():
 
 
 def _curves_tab(h: Handlers, pick, seen):
-    loss = gr.LinePlot(views.loss_curves_empty(), x="step", y="loss", color="arm", title="loss (smoothed)",
+    loss = gr.LinePlot(views.loss_curves_empty(), x="step", y="loss", color="arm",
+                       title="training loss (smoothed; lower is better)",
                        tooltip=["arm", "step", "loss", "raw"], elem_id="loss-plot", height=280)
 
     @gr.render(inputs=[pick, seen])  # redrawn when the run changes or has new metric points
@@ -59,7 +61,9 @@ def _curves_tab(h: Handlers, pick, seen):
         if group is None:
             return
         for metric in views.metric_names(group):
-            gr.LinePlot(views.metric_curves(group, metric), x="step", y=metric, color="arm", title=metric,
+            known = METRICS.get(metric)
+            title = f"{metric} ({known.arrow}): {known.label}" if known else metric
+            gr.LinePlot(views.metric_curves(group, metric), x="step", y=metric, color="arm", title=title,
                         tooltip=["arm", "step", metric], height=240, key=f"metric-{metric}")
 
     return loss
@@ -78,6 +82,13 @@ def _generate_tab():
     return prompt, seed, steps, with_base, go, out
 
 
+def _resolution_for(model: str, current) -> object:
+    """The toy world is 64 px; any other model starts at 512 (a value the user chose is kept)."""
+    if model.strip() == "toy":
+        return 64
+    return 512 if current in (None, 64, "64") else gr.update()
+
+
 def _launch_tab():
     gr.Markdown(f"Upload {MIN_IMAGES}-{MAX_IMAGES} images of your subject (PNG/JPEG/WebP, at most "
                 f"{MAX_IMAGE_BYTES // 2**20} MB each). Training runs as a `fluxlora train` subprocess; "
@@ -94,12 +105,14 @@ def _launch_tab():
                                 elem_id="launch-arms")
         rank = gr.Slider(1, 128, value=8, step=1, label="Rank", elem_id="launch-rank")
         steps = gr.Number(400, label="Steps", precision=0, minimum=1, maximum=100000, elem_id="launch-steps")
-        res = gr.Dropdown([64, 256, 512, 768, 1024], value=512, label="Resolution", elem_id="launch-res")
+        res = gr.Dropdown([64, 256, 512, 768, 1024], value=64, label="Resolution (64 for the toy model)",
+                          elem_id="launch-res")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="launch-btn")
         cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
     status = gr.Markdown(elem_id="launch-status")
     log = gr.Textbox(label="trainer output (tail)", lines=8, interactive=False, elem_id="launch-log")
+    model.change(_resolution_for, [model, res], res)
     return [files, name, trigger, prompt, arms, rank, steps, res, model], start, cancel, status, log
 
 
@@ -149,6 +162,7 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
         live.tick(h.live, [pick, slider, seen], [slider, loss, facts, downloads, seen], show_progress="hidden")
         live.tick(h.launch_progress, launched, [l_status, l_log], show_progress="hidden")
         g_go.click(h.generate, [pick, g_prompt, g_seed, g_steps, g_base], g_out, concurrency_limit=1)
+        form[0].upload(h.screen_uploads, form[0], [form[0], l_status])
         start.click(h.launch, form, [launched, l_status])
         cancel.click(h.cancel, launched, l_status)
         for event in (sweeps_tab.select, s_pick.input, s_reload.click):
@@ -169,7 +183,7 @@ def create_app(runs: Path, auth: str | None = None):
     if credentials:
         app.add_middleware(BasicAuth, user=credentials[0], password=credentials[1])
     app = gr.mount_gradio_app(app, demo, path="", allowed_paths=[str(runs)],
-                              blocked_paths=[str(runs / UPLOADS)], max_file_size=MAX_IMAGE_BYTES,
+                              blocked_paths=[str(runs / UPLOADS)], max_file_size=MAX_UPLOAD_BYTES,
                               footer_links=[], css=CSS)
     return app, handlers
 

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import gradio as gr
 
 from webui import views
-from webui.launch import Jobs, LaunchError, LaunchForm, stage
+from webui.launch import Jobs, LaunchError, LaunchForm, screen_uploads, stage
 
 FILE_ROUTE = "/runs-file"
 
@@ -168,6 +168,14 @@ class Handlers:
         return [(img, f"{label} · seed {int(seed)}") for label, img in pairs]
 
     # --- launch --------------------------------------------------------------------------------
+    def screen_uploads(self, files):
+        """Keep the usable images of an upload; a file over the limits (size, type, pixels) is refused alone."""
+        paths = [Path(f if isinstance(f, str) else f.name) for f in (files or [])]
+        kept, problems = screen_uploads(paths)
+        if not problems:
+            return gr.update(), gr.update()
+        return [str(p) for p in kept], "**left out of the upload:**\n\n" + "\n".join(f"- {p}" for p in problems)
+
     def launch(self, files, name, trigger, prompt, arms, rank, steps, resolution, model_path):
         paths = [Path(f if isinstance(f, str) else f.name) for f in (files or [])]
         form = LaunchForm(name=(name or "").strip(), images=paths, trigger=(trigger or "").strip(),

@@ -18,6 +18,7 @@ from fluxlora.config import ConfigError, dump_config, parse_config
 
 MIN_IMAGES, MAX_IMAGES = 3, 20
 MAX_IMAGE_BYTES = 20 * 2**20
+MAX_UPLOAD_BYTES = 10 * MAX_IMAGE_BYTES  # Gradio's own limit refuses a whole selection: only a hard guard
 MAX_IMAGE_PIXELS = 40_000_000
 MIN_SIDE = 32
 UPLOAD_TYPES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -120,6 +121,30 @@ def stage(form: LaunchForm, runs: Path) -> Path:
     return path
 
 
+PROGRESS_LINE = re.compile(r"^\s*([^:|]{1,60}):\s+\d+%\|")  # a tqdm redraw: "lora:  50%|#####  | 200/400 ..."
+
+
+def collapse_progress(lines: list[str]) -> list[str]:
+    """Keep only the last of consecutive redraws of the same progress bar (the log holds every redraw)."""
+    out: list[str] = []
+    for line in lines:
+        m = PROGRESS_LINE.match(line)
+        if m and out and (prev := PROGRESS_LINE.match(out[-1])) and prev.group(1) == m.group(1):
+            out[-1] = line
+        else:
+            out.append(line)
+    return out
+
+
+def screen_uploads(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Split an upload into usable images and one problem per refused file (a bad file is refused alone)."""
+    kept, problems = [], []
+    for path in paths:
+        problem = check_image(path)
+        (problems.append(problem) if problem else kept.append(path))
+    return kept, problems
+
+
 class Jobs:
     """`fluxlora train` subprocesses started by this web UI, by run name."""
 
@@ -151,7 +176,7 @@ class Jobs:
         if not path.exists():
             return ""
         text = path.read_bytes()[-20000:].decode("utf-8", "replace").replace("\r", "\n")
-        return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
+        return "\n".join(collapse_progress([ln for ln in text.splitlines() if ln.strip()])[-lines:])
 
     def cancel(self, name: str, grace: float = 60.0) -> str:
         """Stop it with SIGTERM, which the trainer treats like Ctrl-C (it saves a checkpoint and exits 143;
