@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor dtype of the files (default: the config's export.dtype)")
     e.add_argument("--rank", type=int, default=None, metavar="R", help="truncate every layer's delta to "
                    "rank R (truncated SVD) for a smaller file *-rR.safetensors; prints the error it introduces")
+    e.add_argument("--step", type=int, default=None, metavar="N", help="export the checkpoint of step N (into "
+                   "<arm>/exports/step-N/) instead of the latest; the error lists the steps that have one")
     e.add_argument("--threads", **THREADS)
     s = sub.add_parser("sample", help="generate images with a trained adapter through diffusers")
     s.add_argument("run_dir", help="runs/<name>")
@@ -144,7 +146,7 @@ def dispatch(args) -> int:
         return commands.sweep(args.sweep, args.dry_run, args.report)
     if args.command == "export":
         return commands.export(Path(args.run_dir), args.arm, commands.parse_formats(args.format), args.dtype,
-                               args.rank)
+                               args.rank, args.step)
     if args.command == "sample":
         return commands.sample(Path(args.run_dir), args.prompt, args.seed, args.steps, args.arm, args.out)
     if args.command == "info":

@@ -72,9 +72,10 @@ def parse_formats(values: list[str] | None) -> list[str] | None:
 
 
 def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = None, dtype: str | None = None,
-           rank: int | None = None) -> int:
-    """Rebuild each arm from its latest checkpoint on the pristine base and write its adapter files
-    (the config's export.formats / export.dtype unless given; ``rank``: a smaller SVD truncation)."""
+           rank: int | None = None, step: int | None = None) -> int:
+    """Rebuild each arm from its latest checkpoint (or the one of ``step``, written into
+    <arm>/exports/step-N/) on the pristine base and write its adapter files (the config's export.formats /
+    export.dtype unless given; ``rank``: a smaller SVD truncation)."""
     from fluxlora import families, modelpath
     from fluxlora.bench import open_run
     from fluxlora.errors import RunError
@@ -89,18 +90,38 @@ def export(run_dir: Path, arms: list[str] | None, formats: list[str] | None = No
     if formats and (bad := [f for f in formats if f not in allowed]):
         raise RunError(f"--format {bad[0]} is not available for the {cfg.model.family} family of {run_dir} -> fix: "
                        f"use {' or '.join(allowed)}")
-    family = families.get(cfg.model.family)
+    chosen = {name: _checkpoint(run_dir, group, name, step) for name in arms or cfg.adapter.arms}
+    family = families.get(cfg.model.family)  # every arm's checkpoint was found before the base loads
     m = cfg.model
     model = family.denoiser(modelpath.load_base(family, m.path, m.dtype, m.revision, m.quantize))
-    for name in arms or cfg.adapter.arms:
-        _export_arm(run_dir, group, cfg, family, model, name, formats, dtype, rank)
+    for name, ckpt in chosen.items():
+        _export_arm(run_dir, group, cfg, family, model, name, formats, dtype, rank, ckpt, step)
     return 0
 
 
-def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, rank) -> None:
+def _checkpoint(run_dir: Path, group, name: str, step: int | None) -> Path:
+    from fluxlora import checkpoint
+    from fluxlora.errors import RunError
+    from fluxlora.rundir import step_name
+
+    arm = group.arm(name)
+    if step is None:
+        ckpt = checkpoint.find(arm, "latest")
+        if ckpt is None:
+            raise RunError(f"arm {name} of {run_dir} has no complete checkpoint to export from")
+        return ckpt
+    if step not in arm.checkpoint_steps():
+        have = ", ".join(map(str, arm.checkpoint_steps())) or "none"
+        raise RunError(f"arm {name} of {run_dir} has no checkpoint at step {step} (it has: {have}) -> fix: choose "
+                       "one of those; train.checkpoint_every and train.keep_checkpoints decide which are kept")
+    return arm.checkpoints_dir / step_name(step)
+
+
+def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, rank, ckpt: Path,
+                step: int | None) -> None:
     from safetensors.torch import load_file
 
-    from fluxlora import adapters, checkpoint
+    from fluxlora import adapters
     from fluxlora import export as exporter
     from fluxlora.arms import export_metadata
     from fluxlora.config import arm_config
@@ -108,9 +129,6 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
 
     arm, acfg = group.arm(name), arm_config(cfg, name)
     a = acfg.adapter
-    ckpt = checkpoint.find(arm, "latest")
-    if ckpt is None:
-        raise RunError(f"arm {name} of {run_dir} has no complete checkpoint to export from")
     scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
     targets = adapters.find_targets(model, a.target_modules or family.target_presets[a.targets],
                                     blocks_only=not a.target_modules)
@@ -122,8 +140,9 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
         return
     try:
         adapters.load_adapter_state(model, load_file(str(ckpt / "adapter.safetensors")))
-        step = int(ckpt.name.split("-")[1])
-        paths, truncation, errors = exporter.export_arm(model, info, arm, export_metadata(acfg, info, step), family,
+        target = arm.step_export(step).create() if step is not None else arm
+        at = int(ckpt.name.split("-")[1])
+        paths, truncation, errors = exporter.export_arm(model, info, target, export_metadata(acfg, info, at), family,
                                                         formats or acfg.export.formats, dtype or acfg.export.dtype,
                                                         rank)
     except write_errors() as e:  # disk full, permissions: the previous files are left as they were

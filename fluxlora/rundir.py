@@ -11,6 +11,7 @@
         checkpoints/step-000500/  full trainer state (written as tmp, then renamed)
         adapter.safetensors       final export, one file per format (formats.py; diffusers here)
         adapter_comfyui.safetensors
+        exports/step-000200/      files exported from an earlier checkpoint (fluxlora export --step 200)
     runs/<sweep>/                 a sweep (sweep.py): sweep.json, report.md, plots/, one run folder per cell
 """
 
@@ -69,6 +70,22 @@ class ArmDir:
     def export_files(self) -> list[tuple[str, Path]]:
         """(format, file) of every exported adapter file at full rank that exists."""
         return [(fmt, self.export_file(fmt)) for fmt in FORMATS if self.export_file(fmt).is_file()]
+
+    exports_dir = property(lambda self: self.root / "exports")
+
+    def step_export(self, step: int) -> "ArmDir":
+        """Where the files exported from the checkpoint of ``step`` go (`fluxlora export --step`)."""
+        return ArmDir(self.exports_dir / step_name(step))
+
+    def step_exports(self) -> list[tuple[int, str, Path]]:
+        """(step, format, file) of every exported checkpoint step, oldest first."""
+        if not self.exports_dir.is_dir():
+            return []
+        steps = sorted(int(p.name[5:]) for p in self.exports_dir.glob("step-*") if p.name[5:].isdigit())
+        return [(s, fmt, path) for s in steps for fmt, path in self.step_export(s).export_files()]
+
+    def checkpoint_steps(self) -> list[int]:
+        return [int(p.name[5:]) for p in self.checkpoints()]
 
     def create(self) -> "ArmDir":
         self.root.mkdir(parents=True, exist_ok=True)

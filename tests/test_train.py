@@ -166,6 +166,34 @@ def test_cli_export_and_sample_use_the_run_folder(tmp_path, tiny_flux, subject_d
     assert out.exists()
 
 
+def test_export_of_an_earlier_step_comes_from_its_checkpoint(tmp_path, tiny_flux, subject_dir):
+    from fluxlora import commands
+    from fluxlora.errors import RunError
+    from fluxlora.rundir import GroupDir
+
+    cfg = tiny_config(tmp_path, tiny_flux, subject_dir, adapter={"init": ["lora", "pissa"], "rank": 4},
+                      train={"steps": 4, "checkpoint_every": 2, "lr": 1.0e-2})
+    run(cfg, warn=lambda m: None)
+    root = tmp_path / "runs" / "tiny"
+    arm = GroupDir(root).arm("pissa")
+    assert arm.checkpoint_steps() == [2, 4]
+    with pytest.raises(RunError, match=r"no checkpoint at step 3 \(it has: 2, 4\)"):
+        commands.export(root, ["pissa"], step=3)
+    assert not arm.exports_dir.exists()  # refused before anything was written
+    assert commands.export(root, ["pissa"], step=4) == 0  # the last step: the same files as the final export
+    final, at4 = load_file(str(arm.adapter_file)), load_file(str(arm.step_export(4).adapter_file))
+    assert final.keys() == at4.keys() and all(torch.equal(final[k], at4[k]) for k in final)
+    assert commands.export(root, ["pissa"], step=2) == 0
+    at2 = load_file(str(arm.step_export(2).adapter_file))
+    assert any(not torch.equal(at2[k], final[k]) for k in final)
+    assert [(s, f) for s, f, _ in arm.step_exports()] == [(2, "diffusers"), (2, "comfyui"), (4, "diffusers"),
+                                                          (4, "comfyui")]
+    from fluxlora.export import read_metadata
+
+    assert read_metadata(arm.step_export(2).adapter_file)["steps"] == 2
+    assert not GroupDir(root).arm("lora").exports_dir.exists()  # --arm: only that arm
+
+
 def test_tensorboard_mirror_of_metrics(tmp_path, tiny_flux, subject_dir):
     cfg = tiny_config(tmp_path, tiny_flux, subject_dir, train={"steps": 2, "tensorboard": True})
     run(cfg, warn=lambda m: None)

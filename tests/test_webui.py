@@ -157,6 +157,37 @@ def test_the_log_tail_keeps_the_last_redraw_of_each_progress_bar():
     assert collapse_progress(lines) == [lines[0], lines[3], lines[5], "done"]
 
 
+def test_download_names_say_run_arm_and_step():
+    from webui.files import download_name
+
+    assert download_name(("tiny", "lora", "adapter.safetensors")) == "tiny-lora.safetensors"
+    assert download_name(("tiny", "lora", "adapter_comfyui.safetensors")) == "tiny-lora_comfyui.safetensors"
+    assert download_name(("tiny", "pissa", "exports", "step-000200", "adapter_comfyui.safetensors")) == \
+        "tiny-pissa-step200_comfyui.safetensors"
+    assert download_name(("study", "seed0_lr0.001", "lora", "adapter.safetensors")) == \
+        "study-seed0_lr0.001-lora.safetensors"
+
+
+def test_pick_a_step_and_export_it_from_the_page(finished_group, tmp_path):
+    import shutil
+
+    from webui.handlers import Handlers
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished_group[0], runs)
+    h = Handlers(runs)
+    arm, step = h.export_choices("tiny", None)
+    assert arm["choices"] == ["lora", "loram"] and arm["value"] == "lora" and step["choices"] == [4]
+    arm, step = h.export_choices("tiny", "loram")
+    assert arm["value"] == "loram" and step["value"] == 4
+    status, html = h.export_step("tiny", "loram", 3)
+    assert "export failed" in status and "no checkpoint at step 3 (it has: 4)" in status
+    status, html = h.export_step("tiny", "loram", 4)
+    assert "exported **loram** at step 4" in status, status
+    assert "loram · step 4 — adapter.safetensors (diffusers" in html and "loram · final" in html
+    assert (runs / "tiny" / "loram" / "exports" / "step-000004" / "adapter_comfyui.safetensors").is_file()
+
+
 def test_auth_value_is_checked():
     from webui.files import parse_auth
 

@@ -126,6 +126,20 @@ def test_facts_and_downloads(page, server):
     assert response.body() == (runs / "tiny" / "lora" / "adapter.safetensors").read_bytes()
 
 
+def test_export_an_earlier_step_and_download_it(page, server):
+    pg, (url, runs, _) = page, server
+    pg.get_by_role("tab", name="Download").click()
+    pg.wait_for_function("() => document.querySelector('#export-step input')?.value === '4'")
+    pg.locator("#export-btn").click()
+    pg.wait_for_function("() => document.querySelector('#export-status').innerText.includes('exported')",
+                         timeout=180_000)
+    link = pg.locator("a.adapter-download", has_text="lora · step 4 — adapter.safetensors").first
+    response = pg.request.get(url + link.get_attribute("href"))
+    assert response.ok and 'filename="tiny-lora-step4.safetensors"' in response.headers["content-disposition"]
+    assert response.body() == (runs / "tiny" / "lora" / "exports" / "step-000004" / "adapter.safetensors").read_bytes()
+    pg.screenshot(path=str(ARTIFACTS / "download.png"), full_page=True)
+
+
 def test_generate_gives_one_image_per_arm_and_the_base(page):
     pg = page
     pg.get_by_role("tab", name="Generate").click()

@@ -116,6 +116,17 @@ def _launch_tab():
     return [files, name, trigger, prompt, arms, rank, steps, res, model], start, cancel, status, log
 
 
+def _export_controls():
+    gr.Markdown("Export an earlier step: the adapter of that step's checkpoint, in every format of the run "
+                "(steps with a checkpoint: `train.checkpoint_every`, `train.keep_checkpoints`).")
+    with gr.Row():
+        arm = gr.Dropdown([], label="Arm", elem_id="export-arm")
+        step = gr.Dropdown([], label="Step", elem_id="export-step")
+        go = gr.Button("Export this step", elem_id="export-btn")
+    status = gr.Markdown(elem_id="export-status")
+    return arm, step, go, status
+
+
 def _sweeps_tab():
     with gr.Row():
         pick = gr.Dropdown([], label="Sweep (runs/<sweep>/sweep.json)", elem_id="sweep-pick", scale=4)
@@ -141,8 +152,9 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
                 g_prompt, g_seed, g_steps, g_base, g_go, g_out = _generate_tab()
             with gr.Tab("Launch", id="launch"):
                 form, start, cancel, l_status, l_log = _launch_tab()
-            with gr.Tab("Download", id="download"):
+            with gr.Tab("Download", id="download") as download_tab:
                 downloads = gr.HTML(elem_id="downloads")
+                x_arm, x_step, x_go, x_status = _export_controls()
             with gr.Tab("Sweeps", id="sweeps") as sweeps_tab:
                 s_pick, s_reload, s_report = _sweeps_tab()
         launched, playing = gr.State(None), gr.State(False)
@@ -165,6 +177,9 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
         form[0].upload(h.screen_uploads, form[0], [form[0], l_status])
         start.click(h.launch, form, [launched, l_status])
         cancel.click(h.cancel, launched, l_status)
+        for event in (download_tab.select, x_arm.input):
+            event(h.export_choices, [pick, x_arm], [x_arm, x_step])
+        x_go.click(h.export_step, [pick, x_arm, x_step], [x_status, downloads], concurrency_limit=1)
         for event in (sweeps_tab.select, s_pick.input, s_reload.click):
             event(h.sweeps, s_pick, [s_pick, s_report])
     return demo, h

@@ -79,11 +79,21 @@ def add_file_route(app: FastAPI, runs: Path, prefix: str = "/runs-file") -> None
         target = resolve_inside(runs, relative)
         if target is None:
             raise HTTPException(status_code=404, detail="not a file inside the runs folder")
-        if target.suffix == ".safetensors":  # <run>-<arm>.safetensors, <run>-<arm>_comfyui.safetensors, ...
-            arm = target.parent.name
-            name = f"{target.parent.parent.name}-{arm}{target.name.removeprefix('adapter')}"
+        if target.suffix == ".safetensors":
+            name = download_name(target.relative_to(runs.resolve()).parts)
             return FileResponse(target, filename=name, media_type="application/octet-stream")
         return FileResponse(target)
+
+
+def download_name(parts: tuple[str, ...]) -> str:
+    """<run>-<arm>.safetensors, <run>-<arm>_comfyui.safetensors, <run>-<arm>-step200.safetensors (an export of
+    an earlier step), with a sweep cell's run named <sweep>-<cell>."""
+    tail = parts[-1].removeprefix("adapter")
+    if len(parts) >= 5 and parts[-3] == "exports" and parts[-2].startswith("step-"):
+        run, arm, tail = parts[:-4], parts[-4], f"-step{int(parts[-2][5:])}{tail}"
+    else:
+        run, arm = parts[:-2], parts[-2]
+    return f"{'-'.join(run)}-{arm}{tail}"
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:

@@ -127,16 +127,42 @@ class Handlers:
         return views.loss_curves(group), views.facts_table(group), self.downloads_html(group)
 
     def downloads_html(self, group) -> str:
-        files = views.adapter_files(group)
+        files = [(arm, fmt, path, "final") for arm, fmt, path in views.adapter_files(group)]
+        files += [(arm, fmt, path, f"step {step}") for arm, step, fmt, path in views.step_files(group)]
         if not files:
             return "no exported adapters yet (they are written when an arm finishes)"
         links = []
-        for arm, fmt, path in files:
+        for arm, fmt, path, when in files:
             rel = path.resolve().relative_to(self.runs.resolve()).as_posix()
             size = path.stat().st_size / 2**20
             links.append(f'<li><a class="adapter-download" href="{FILE_ROUTE}/{quote(rel)}" download>'
-                         f"{html.escape(arm)} — {html.escape(path.name)} ({fmt}, {size:.1f} MB)</a></li>")
+                         f"{html.escape(arm)} · {when} — {html.escape(path.name)} ({fmt}, {size:.1f} MB)</a></li>")
         return "<ul>" + "".join(links) + "</ul>"
+
+    def export_choices(self, name: str | None, arm: str | None):
+        """The arms of the chosen run and the steps of ``arm`` that have a checkpoint to export from."""
+        group = views.open_group(self.runs, name)
+        arms = [a.name for a in group.arms()] if group else []
+        arm = arm if arm in arms else (arms[0] if arms else None)
+        steps = views.checkpoint_steps(group, arm)
+        return gr.update(choices=arms, value=arm), gr.update(choices=steps, value=steps[-1] if steps else None)
+
+    def export_step(self, name: str | None, arm: str | None, step):
+        """`fluxlora export RUN --arm A --step N` (both formats of the run's config) as a subprocess."""
+        import subprocess
+        import sys
+
+        from fluxlora.threads import for_generation
+
+        group = views.open_group(self.runs, name)
+        if group is None or not arm or step in (None, ""):
+            return "pick a run, an arm and a step with a checkpoint", gr.update()
+        cmd = [sys.executable, "-m", "fluxlora.cli", "export", str(group.root), "--arm", arm, "--step", str(int(step)),
+               "--threads", str(for_generation(self.jobs.any_running(), self.threads))]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            return f"**export failed:** {(done.stderr.strip().splitlines() or ['?'])[-1]}", gr.update()
+        return f"exported **{arm}** at step {int(step)}", self.downloads_html(group)
 
     # --- generate ----------------------------------------------------------------------------------
     def bench(self, name: str):

@@ -194,8 +194,18 @@ def facts_empty() -> pd.DataFrame:
 
 
 def adapter_files(group: GroupDir) -> list[tuple[str, str, Path]]:
-    """(arm, format, exported adapter file) of every arm's files, in the format table's order."""
+    """(arm, format, exported adapter file) of every arm's final files, in the format table's order."""
     return [(arm.name, fmt, path) for arm in group.arms() for fmt, path in arm.export_files()]
+
+
+def step_files(group: GroupDir) -> list[tuple[str, int, str, Path]]:
+    """(arm, step, format, file) of every file exported from an earlier checkpoint (`export --step`)."""
+    return [(arm.name, step, fmt, path) for arm in group.arms() for step, fmt, path in arm.step_exports()]
+
+
+def checkpoint_steps(group: GroupDir | None, arm: str | None) -> list[int]:
+    names = [a.name for a in group.arms()] if group else []
+    return group.arm(arm).checkpoint_steps() if group and arm in names else []
 
 
 def sweep_names(runs: Path) -> list[str]:
