@@ -78,6 +78,12 @@ def _take_over(lock: Path, stale: int) -> bool:
         guard.unlink(missing_ok=True)
 
 
+def lock_holder(root: Path) -> int | None:
+    """The pid of the live process that holds the run folder's lock; None when none does."""
+    pid = _holder(Path(root) / LOCK)
+    return pid if pid and _alive(pid) else None
+
+
 def acquire_lock(root: Path, warn=print) -> Path:
     """One training per run folder: a lock file with our pid, created atomically; a lock whose process is
     gone is stale and taken over."""

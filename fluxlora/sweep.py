@@ -9,6 +9,7 @@ finished cells, resume interrupted ones, and rewrite the report after each cell.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -46,30 +47,59 @@ def cell_state(cell_root: Path, cfg) -> str:
     return "done" if info.get("status") == "done" and all(s == "done" for s in arms) else "partial"
 
 
-def write_state(root: Path, sweep: SweepConfig, planned, done: int, started: float, times: list[float],
-                status: str) -> None:
-    remaining = len(planned) - done
-    eta = remaining * sum(times) / len(times) if times else None
+def write_state(root: Path, sweep: SweepConfig, planned, started: float, times: list[float], status: str) -> int:
+    """sweep.json from what is on disk (other workers' cells count too); returns the cells done."""
+    done = sum(cell_state(root / c.name, cfg) == "done" for c, cfg in planned)
+    eta = (len(planned) - done) * sum(times) / len(times) if times else None
     write_json(root / STATE, {"name": sweep.name, "sweep": sweep.model_dump(mode="json"), "status": status,
                               "cells": [{"name": c.name, "values": c.values} for c, _ in planned],
                               "done": done, "total": len(planned), "updated": time.time(),
                               "elapsed_s": time.time() - started, "eta_s": eta,
                               "created": (read_json(root / STATE, {}) or {}).get("created", started)})
+    return done
+
+
+def busy(cell_root: Path) -> bool:
+    """Whether another live process (a second `fluxlora sweep` of the same file) is training this cell."""
+    from fluxlora.runner import lock_holder
+
+    pid = lock_holder(cell_root)
+    return pid is not None and pid != os.getpid()
+
+
+def _train_cell(cell_root: Path, cfg, warn) -> bool | None:
+    """Train (or resume) one cell; None when another worker has it, else whether every arm finished."""
+    from fluxlora.runner import run, summary_table
+
+    state = cell_state(cell_root, cfg)  # again: another worker may have finished or started it meanwhile
+    if state == "done" or busy(cell_root):
+        return None if state != "done" else True
+    try:
+        results = run(cfg, resume=state == "partial", warn=warn)
+    except RunError:
+        if busy(cell_root):  # lost the race for its lock
+            return None
+        raise
+    warn(summary_table(results))
+    if any("error" in r for r in results):
+        warn(f"sweep cell {cell_root.name}: an arm failed (see {cell_root}); rerun the sweep to retry it")
+        return False
+    return True
 
 
 def run_sweep(path: str | Path, warn=print) -> Path:
-    """Train every cell (a cell's arms share one loaded base, as in `fluxlora train`); returns the folder."""
+    """Train every cell (a cell's arms share one loaded base, as in `fluxlora train`); returns the folder.
+    Several processes may run the same sweep at once (e.g. one per GPU): each skips the cells another has."""
     from tqdm.auto import tqdm
 
     from fluxlora import report
-    from fluxlora.runner import run, summary_table
 
     sweep = load_sweep(path)
     root, planned = plan(sweep)
     states = {c.name: cell_state(root / c.name, cfg) for c, cfg in planned}
     root.mkdir(parents=True, exist_ok=True)
-    done, started, times = sum(s == "done" for s in states.values()), time.time(), []
-    write_state(root, sweep, planned, done, started, times, "running")
+    started, times = time.time(), []
+    done = write_state(root, sweep, planned, started, times, "running")
     bar = tqdm(total=len(planned), initial=done, desc=f"sweep {sweep.name}", unit="cell", dynamic_ncols=True)
     try:
         for cell, cfg in planned:
@@ -77,24 +107,26 @@ def run_sweep(path: str | Path, warn=print) -> Path:
                 continue
             bar.set_postfix_str(cell.name)
             t0 = time.time()
-            results = run(cfg, resume=states[cell.name] == "partial", warn=warn)
-            warn(summary_table(results))
-            if any("error" in r for r in results):
-                warn(f"sweep cell {cell.name}: an arm failed (see {root / cell.name}); rerun the sweep to retry it")
-            else:
-                done += 1
+            if _train_cell(root / cell.name, cfg, warn) is None:
+                warn(f"sweep cell {cell.name}: another process is training it; skipped")
+                continue
             times.append(time.time() - t0)
-            bar.update(1)
-            write_state(root, sweep, planned, done, started, times, "running")
+            done = write_state(root, sweep, planned, started, times, "running")
+            bar.n = done
+            bar.refresh()
             report.write(root)
     except KeyboardInterrupt:
-        write_state(root, sweep, planned, done, started, times, "interrupted")
+        write_state(root, sweep, planned, started, times, "interrupted")
         raise
     finally:
         bar.close()
-    write_state(root, sweep, planned, done, started, times, "done" if done == len(planned) else "incomplete")
+    done = write_state(root, sweep, planned, started, times, "done" if _all_done(root, planned) else "incomplete")
     report.write(root)
     return root
+
+
+def _all_done(root: Path, planned) -> bool:
+    return all(cell_state(root / c.name, cfg) == "done" for c, cfg in planned)
 
 
 def dry_run(path: str | Path) -> int:

@@ -171,6 +171,31 @@ def test_a_sweep_trains_every_cell_skips_finished_ones_and_resumes_the_rest(tmp_
         run_sweep(changed, warn=lambda m: None)
 
 
+def test_two_workers_share_a_sweep_each_skipping_the_cell_the_other_trains(tmp_path, tiny_flux, subject_dir):
+    from fluxlora.rundir import read_json
+    from fluxlora.sweep import run_sweep
+
+    base = tmp_path / "base.yaml"
+    base.write_text(dump_config(tiny_config(tmp_path, tiny_flux, subject_dir)))
+    path = sweep_file(tmp_path, str(base), grid={"train.lr": [1.0e-3, 1.0e-2]}, report={"seeds": None})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the other worker
+    try:
+        busy = tmp_path / "runs" / "grid" / "lr0.001"
+        busy.mkdir(parents=True)
+        (busy / ".lock").write_text(str(other.pid))
+        lines = []
+        root = run_sweep(path, warn=lines.append)
+    finally:
+        other.kill()
+        other.wait()
+    assert "sweep cell lr0.001: another process is training it; skipped" in lines
+    assert not (busy / "group.json").exists() and (root / "lr0.01" / "group.json").exists()
+    state = read_json(root / "sweep.json")
+    assert (state["done"], state["status"]) == (1, "incomplete")
+    run_sweep(path, warn=lines.append)  # the other worker is gone: its stale lock is taken over
+    assert read_json(root / "sweep.json")["status"] == "done"
+
+
 def test_the_command_line_lists_the_cells(tmp_path, tiny_flux, subject_dir):
     base = tmp_path / "base.yaml"
     base.write_text(dump_config(tiny_config(tmp_path, tiny_flux, subject_dir)))
