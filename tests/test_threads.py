@@ -43,7 +43,7 @@ def test_threads_flag_sets_torch_threads(tmp_path, tiny_flux, subject_dir, resto
 
 
 def test_launched_training_gets_the_cores_but_one_and_finished_jobs_are_reaped(tmp_path, monkeypatch):
-    from webui.launch import Jobs
+    from webui.jobs import Jobs
 
     seen = []
     real = subprocess.Popen

@@ -230,8 +230,10 @@ def test_launch_form_problems_are_all_reported_and_nothing_is_left(tmp_path):
 
 
 def test_launch_then_cancel_keeps_a_resumable_checkpoint(tmp_path, tiny_flux):
-    """The subprocess is stopped by SIGTERM like Ctrl-C: exit 143, arm 'interrupted', a checkpoint to resume."""
-    from webui.launch import Jobs, LaunchForm, stage
+    """The subprocess is stopped by SIGTERM like Ctrl-C: exit 143, arm 'interrupted', a checkpoint to resume.
+    The job table belongs to the runs folder: another server (or page) sees the job, cancels and resumes it."""
+    from webui.jobs import Jobs
+    from webui.launch import LaunchForm, stage
 
     runs = tmp_path / "runs"
     form = LaunchForm(name="sub", images=_images(tmp_path / "up", 3), trigger="zxq", arms=["lora"], rank=2,
@@ -241,14 +243,30 @@ def test_launch_then_cancel_keeps_a_resumable_checkpoint(tmp_path, tiny_flux):
     jobs = Jobs(runs)
     jobs.start("sub", config)
     arm = GroupDir(runs / "sub").arm("lora")
-    deadline = time.monotonic() + 240
-    while (arm.status().get("step") or 0) < 3 and jobs.running("sub") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert jobs.running("sub"), jobs.log_tail("sub")
+
+    def wait_past(step: int) -> None:
+        deadline = time.monotonic() + 240
+        while (arm.status().get("step") or 0) <= step and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert (arm.status().get("step") or 0) > step, jobs.log_tail("sub")
+
+    wait_past(2)
+    assert jobs.running("sub") and jobs.rows()[0]["state"] == "running"
     message = jobs.cancel("sub", grace=120)
     assert "stopped (exit 143)" in message and "--resume" in message, message
     assert arm.status()["status"] == "interrupted"
     assert arm.checkpoints(), "no checkpoint written on cancel"
+    other = Jobs(runs)  # a restarted server: it knows the job from the table only
+    assert [(r["job"], r["state"]) for r in other.rows()] == [("sub", "interrupted")]
+    stopped_at = arm.checkpoint_steps()[-1]
+    assert "resumed" in other.resume("sub")
+    wait_past(stopped_at + 2)
+    assert Jobs(runs).running("sub") and "already running" in Jobs(runs).resume("sub")
+    message = Jobs(runs).cancel("sub", grace=120)  # not the server that started it: by pid from the table
+    assert message.startswith("sub stopped;") and "Resume" in message, message
+    assert arm.status()["status"] == "interrupted", (arm.status(), Jobs(runs).log_tail("sub"))
+    assert not other.running("sub")
+    assert arm.checkpoint_steps()[-1] > stopped_at
 
 
 def test_generate_uses_one_base_and_reproduces_the_trained_samples(finished_group):

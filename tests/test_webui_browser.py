@@ -194,10 +194,25 @@ def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux)
     pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('started')")
     pg.wait_for_function("() => document.querySelector('#groups-table')?.innerText.includes('from_browser')",
                          timeout=240_000)
-    pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('finished')",
+    pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes(': done')",
                          timeout=300_000)
+    assert "from_browser" in pg.locator("#jobs-table").inner_text()
     pg.screenshot(path=str(ARTIFACTS / "launch.png"), full_page=True)
     assert (runs / "from_browser" / "lora" / "adapter.safetensors").is_file(), handlers.jobs.log_tail("from_browser")
+
+
+def _click_run(pg, name: str) -> None:
+    """Click the run's row and wait until the selector shows it; a click that lands while the table is being
+    redrawn is lost in any browser, so a user (and this) clicks again, at most three times."""
+    for attempt in range(3):
+        pg.locator("#groups-table").get_by_text(name, exact=True).locator("visible=true").first.click()
+        try:
+            pg.wait_for_function(f"() => document.querySelector('#group-pick input').value === '{name}'",
+                                 timeout=10_000)
+            return
+        except playwright.TimeoutError:
+            continue
+    _wait_picked(pg, name)
 
 
 def _wait_picked(pg, name: str) -> None:
@@ -240,11 +255,9 @@ def test_a_run_created_after_start_is_listed_and_every_click_selects_the_row_cli
         pg.wait_for_function("() => document.querySelector('#groups-table')?.innerText.includes('zz_late')")
         first = pg.locator("#group-pick input").first.input_value()  # the row under the pointer when it landed
         assert first in ("tiny", "zz_late", "from_browser"), first
-        pg.locator("#groups-table").get_by_text("zz_late", exact=True).locator("visible=true").first.click()
-        _wait_picked(pg, "zz_late")
+        _click_run(pg, "zz_late")
         pg.wait_for_function("() => document.querySelector('#grid-caption').innerText.includes('step 4')")
-        pg.locator("#groups-table").get_by_text("tiny", exact=True).locator("visible=true").first.click()
-        _wait_picked(pg, "tiny")
+        _click_run(pg, "tiny")
         assert "not in the list of choices" not in pg.content() and not errors
 
 
@@ -269,8 +282,7 @@ def test_new_samples_and_metrics_appear_without_a_click(page, server):
     with _fresh_page(page) as pg:
         pg.goto(url + "/")
         pg.wait_for_function("() => document.querySelector('#groups-table')?.innerText.includes('zz_late')")
-        pg.locator("#groups-table").get_by_text("tiny", exact=True).locator("visible=true").first.click()
-        _wait_picked(pg, "tiny")
+        _click_run(pg, "tiny")
         pg.wait_for_function("() => document.querySelector('#grid-caption')?.innerText.includes('step 4 of 4')")
         for arm in ("lora", "loram"):  # what a training run adds at its next sample step
             samples = runs / "tiny" / arm / "samples"
@@ -288,3 +300,39 @@ def test_new_samples_and_metrics_appear_without_a_click(page, server):
         assert "lora · step 6" in labels and "loram · step 6" in labels
         pg.get_by_role("tab", name="Curves").click()
         pg.wait_for_selector("text=subject_fidelity")
+
+
+def test_any_page_sees_cancels_and_resumes_a_launched_job(page, server, tmp_path, tiny_flux):
+    """The job belongs to the server (its table in the runs folder), not to the tab that launched it."""
+    from fluxlora.rundir import GroupDir
+    from webui.launch import LaunchForm, stage
+
+    url, runs, handlers = server
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"j{i}.png")
+        Image.new("RGB", (64, 64), (30, 80 * i, 200)).save(images[-1])
+    form = LaunchForm(name="long_job", images=images, trigger="zxq", arms=["lora"], rank=2, steps=5000,
+                      resolution=64, model_path=str(tiny_flux))
+    handlers.jobs.start("long_job", stage(form, runs))  # as if launched from another tab
+    arm = GroupDir(runs / "long_job").arm("lora")
+    with _fresh_page(page) as pg:
+        pg.goto(url + "/")
+        pg.get_by_role("tab", name="Launch").click()
+        pg.wait_for_function("() => document.querySelector('#jobs-table')?.innerText.includes('long_job')")
+        pg.wait_for_function("() => document.querySelector('#job-pick input')?.value === 'long_job'")
+        deadline = time.monotonic() + 240
+        while (arm.status().get("step") or 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        pg.locator("#cancel-btn").click()
+        pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('interrupted')",
+                             timeout=180_000)
+        assert not handlers.jobs.running("long_job") and arm.checkpoints()
+        pg.locator("#resume-btn").click()
+        pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('running')",
+                             timeout=120_000)
+        assert handlers.jobs.running("long_job")
+        pg.screenshot(path=str(ARTIFACTS / "jobs.png"), full_page=True)
+        pg.locator("#cancel-btn").click()
+        pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('interrupted')",
+                             timeout=180_000)

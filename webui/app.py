@@ -107,13 +107,19 @@ def _launch_tab():
         steps = gr.Number(400, label="Steps", precision=0, minimum=1, maximum=100000, elem_id="launch-steps")
         res = gr.Dropdown([64, 256, 512, 768, 1024], value=64, label="Resolution (64 for the toy model)",
                           elem_id="launch-res")
-    with gr.Row():
-        start = gr.Button("Start training", variant="primary", elem_id="launch-btn")
-        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+    start = gr.Button("Start training", variant="primary", elem_id="launch-btn")
     status = gr.Markdown(elem_id="launch-status")
+    with gr.Row():
+        jobs = gr.Dataframe(views.jobs_frame([]), label="Jobs launched from the web UI (any page)",
+                            interactive=False, elem_id="jobs-table", scale=3, max_height=200)
+        with gr.Column(scale=1):
+            job = gr.Dropdown([], label="Job", elem_id="job-pick")
+            cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", size="sm")
+            resume = gr.Button("Resume", elem_id="resume-btn", size="sm")
     log = gr.Textbox(label="trainer output (tail)", lines=8, interactive=False, elem_id="launch-log")
     model.change(_resolution_for, [model, res], res)
-    return [files, name, trigger, prompt, arms, rank, steps, res, model], start, cancel, status, log
+    return [files, name, trigger, prompt, arms, rank, steps, res, model], start, status, (jobs, job, cancel,
+                                                                                          resume), log
 
 
 def _export_controls():
@@ -151,20 +157,20 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
             with gr.Tab("Generate", id="generate"):
                 g_prompt, g_seed, g_steps, g_base, g_go, g_out = _generate_tab()
             with gr.Tab("Launch", id="launch"):
-                form, start, cancel, l_status, l_log = _launch_tab()
+                form, start, l_status, (jobs, job, cancel, resume), l_log = _launch_tab()
             with gr.Tab("Download", id="download") as download_tab:
                 downloads = gr.HTML(elem_id="downloads")
                 x_arm, x_step, x_go, x_status = _export_controls()
             with gr.Tab("Sweeps", id="sweeps") as sweeps_tab:
                 s_pick, s_reload, s_report = _sweeps_tab()
-        launched, playing = gr.State(None), gr.State(False)
+        playing = gr.State(False)
         live, player = gr.Timer(REFRESH_SECONDS), gr.Timer(1.0, active=False)
 
         group_outputs = [slider, grid, grid, caption, loss, facts, downloads]
         pick.change(h.select_group, pick, group_outputs).then(h.seen, pick, seen)
         demo.load(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs).then(
             h.seen, pick, seen)
-        table.select(h.pick_row, pick, [table, pick])
+        table.select(h.pick_row, [pick, table], [table, pick])
         refresh.click(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs)
         # one event for every way the step changes: dragging, typing, the play timer, a new group
         slider.change(h.move_step, [pick, slider], [grid, grid, caption], trigger_mode="always_last")
@@ -172,11 +178,12 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
         player.tick(h.tick_play, [pick, slider], slider)
         live.tick(h.refresh_groups, [pick, table], [table, pick], show_progress="hidden")
         live.tick(h.live, [pick, slider, seen], [slider, loss, facts, downloads, seen], show_progress="hidden")
-        live.tick(h.launch_progress, launched, [l_status, l_log], show_progress="hidden")
+        live.tick(h.launch_progress, job, [l_status, l_log, jobs, job], show_progress="hidden")
         g_go.click(h.generate, [pick, g_prompt, g_seed, g_steps, g_base], g_out, concurrency_limit=1)
         form[0].upload(h.screen_uploads, form[0], [form[0], l_status])
-        start.click(h.launch, form, [launched, l_status])
-        cancel.click(h.cancel, launched, l_status)
+        start.click(h.launch, form, [job, l_status])
+        cancel.click(h.cancel, job, l_status)
+        resume.click(h.resume, job, l_status)
         for event in (download_tab.select, x_arm.input):
             event(h.export_choices, [pick, x_arm], [x_arm, x_step])
         x_go.click(h.export_step, [pick, x_arm, x_step], [x_status, downloads], concurrency_limit=1)

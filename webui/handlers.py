@@ -13,7 +13,8 @@ from urllib.parse import quote
 import gradio as gr
 
 from webui import views
-from webui.launch import Jobs, LaunchError, LaunchForm, screen_uploads, stage
+from webui.jobs import Jobs
+from webui.launch import LaunchError, LaunchForm, screen_uploads, stage
 
 FILE_ROUTE = "/runs-file"
 
@@ -43,13 +44,11 @@ class Handlers:
         same = shown is not None and views.same_rows(shown, table)
         return (gr.update() if same else table), gr.update(choices=names, value=value)
 
-    def pick_row(self, current: str | None, evt: gr.SelectData):
+    def pick_row(self, current: str | None, shown, evt: gr.SelectData):
         """A click in the run table selects the run named in the clicked row (what the user saw, however old
-        the table is), with the table and choices refreshed together."""
+        the table is), with the table (only if it changed) and the choices refreshed together."""
         row = evt.row_value if isinstance(evt.row_value, (list, tuple)) else None
-        name = str(row[0]) if row else current
-        table, pick = self.refresh_groups(name)
-        return table, pick
+        return self.refresh_groups(str(row[0]) if row else current, shown)
 
     # --- step grid -----------------------------------------------------------------------------
     def select_group(self, name: str | None):
@@ -210,21 +209,33 @@ class Handlers:
         try:
             config = stage(form, self.runs)
         except LaunchError as e:
-            return None, "**not started:**\n\n" + "\n".join(f"- {p}" for p in str(e).splitlines())
+            return gr.update(), "**not started:**\n\n" + "\n".join(f"- {p}" for p in str(e).splitlines())
         self.jobs.start(form.name, config)
-        return form.name, f"started **{form.name}** ({', '.join(form.arms)}); config: `{config}`"
+        names = [r["job"] for r in self.jobs.rows()]  # the selector learns the new job with its value
+        return gr.update(choices=names, value=form.name), \
+            f"started **{form.name}** ({', '.join(form.arms)}); config: `{config}`"
 
     def launch_progress(self, name: str | None):
-        if not name:
-            return gr.update(), ""
+        """The chosen job's state and log tail, and the job table with the selector's choices (one reading)."""
+        rows = self.jobs.rows()
+        names = [r["job"] for r in rows]
+        pick = gr.update(choices=names, value=name if name in names else (names[0] if names else None))
+        table = views.jobs_frame(rows)
+        if not name or name not in names:
+            return gr.update(), "", table, pick
         group = views.open_group(self.runs, name)
-        state = "running" if self.jobs.running(name) else "finished"
+        state = self.jobs.state(name)
         if group is not None:
             status, done, total = views.group_progress(group)
-            state = f"{state} · group status {status} · {done}/{total} steps"
-        return f"**{name}**: {state}", self.jobs.log_tail(name)
+            state = f"{state} · {done}/{total} steps"
+        return f"**{name}**: {state}", self.jobs.log_tail(name), table, pick
 
     def cancel(self, name: str | None):
         if not name:
-            return "nothing launched from this page"
+            return "no job chosen (the table lists every job launched from the web UI)"
         return self.jobs.cancel(name)
+
+    def resume(self, name: str | None):
+        if not name:
+            return "no job chosen (the table lists every job launched from the web UI)"
+        return self.jobs.resume(name)

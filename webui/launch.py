@@ -1,14 +1,10 @@
-"""Launching a training from the browser: check the uploads, write a dataset + config, run
-`fluxlora train` as a subprocess, follow it, cancel it (Ctrl-C semantics: a checkpoint is kept)."""
+"""Launching a training from the browser: check the uploads and write a dataset + config (the subprocess
+and the job table: jobs.py)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,59 +139,3 @@ def screen_uploads(paths: list[Path]) -> tuple[list[Path], list[str]]:
         problem = check_image(path)
         (problems.append(problem) if problem else kept.append(path))
     return kept, problems
-
-
-class Jobs:
-    """`fluxlora train` subprocesses started by this web UI, by run name."""
-
-    def __init__(self, runs: Path):
-        self.runs = Path(runs)
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, config: Path) -> subprocess.Popen:
-        from fluxlora.threads import for_launched_training
-
-        log = open(config.parent / "train.log", "wb")
-        cmd = [sys.executable, "-m", "fluxlora.cli", "train", str(config), "--threads", str(for_launched_training())]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=config.parent,
-                                start_new_session=True)
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def running(self, name: str) -> bool:
-        proc = self.procs.get(name)
-        return proc is not None and proc.poll() is None  # poll() also reaps a finished process
-
-    def any_running(self) -> bool:
-        """Whether a training this server launched still runs; reaps the finished ones (no zombies)."""
-        return any([self.running(name) for name in self.procs])
-
-    def log_tail(self, name: str, lines: int = 12) -> str:
-        path = self.runs / UPLOADS / name / "train.log"
-        if not path.exists():
-            return ""
-        text = path.read_bytes()[-20000:].decode("utf-8", "replace").replace("\r", "\n")
-        return "\n".join(collapse_progress([ln for ln in text.splitlines() if ln.strip()])[-lines:])
-
-    def cancel(self, name: str, grace: float = 60.0) -> str:
-        """Stop it with SIGTERM, which the trainer treats like Ctrl-C (it saves a checkpoint and exits 143;
-        unlike SIGINT it is never ignored by a server started in the background); kill after ``grace`` s."""
-        proc = self.procs.get(name)
-        if proc is None or proc.poll() is not None:
-            return f"{name} is not running"
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return f"{name} did not stop within {grace:.0f} s and was killed; resume from its last checkpoint"
-        return f"{name} stopped (exit {proc.returncode}); continue with: fluxlora train " \
-               f"{self.runs / UPLOADS / name / 'config.yaml'} --resume"
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            if self.running(name):
-                self.cancel(name, grace=10.0)
-

@@ -227,3 +227,7 @@ def sweep_report(runs: Path, name: str | None, file_route: str) -> str:
         return head + "\n\nno report yet (it is written after the first cell finishes)"
     text = report.read_text(encoding="utf-8")
     return head + "\n\n" + text.replace("](plots/", f"]({file_route}/{quote(name)}/plots/")
+
+
+def jobs_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["job", "state", "started"])
