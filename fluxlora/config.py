@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fluxlora import formats, methods
-from fluxlora.config_base import Float, Section
+from fluxlora.config_base import Float, NoOr, Section
 from fluxlora.config_errors import ConfigError, Problem, did_you_mean, problems_from, section_fields
 from fluxlora.config_eval import MetricsConfig, ValidationConfig
 from fluxlora.families import LOSS_WEIGHTINGS, SPECS
@@ -200,7 +200,7 @@ class TrainConfig(Section):
         "none", description="flow matching: none | sigma_sqrt | cosmap; sdxl/sd15: none | min_snr (gamma 5)")
     guidance: Float = Field(1.0, description="guidance-embedding value in training (distilled models)")
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Annotated[Literal["no", "bf16", "fp16"], NoOr] = "no"
     checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     resume: str | None = Field(None, description="None, 'latest' or a checkpoint folder")

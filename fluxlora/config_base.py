@@ -23,3 +23,11 @@ Float = Annotated[float, BeforeValidator(_number)]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+def _no_is_false(v: Any) -> Any:
+    # YAML 1.1 reads a bare `no` (train.mixed_precision: no) as false: take it as the word it was.
+    return "no" if v is False else v
+
+
+NoOr = BeforeValidator(_no_is_false)

@@ -187,6 +187,33 @@ def test_shipped_configs_load_and_name_their_command(path):
     assert cfg.name
 
 
+def test_a_bare_no_for_mixed_precision_is_the_word_not_false(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: t\nmodel: {path: toy}\ndata: {instance_dir: d}\ntrain: {mixed_precision: no}\n")
+    assert load_config(p).train.mixed_precision == "no"
+    assert load_config(p, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(p, ["train.mixed_precision=yes"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flux_subject", "sd3_subject", "sdxl_subject", "sd15_subject"])
+def test_each_example_config_trains_a_step_on_its_familys_tiny_pipeline(name, tmp_path, tiny_flux, tiny_pipelines,
+                                                                        subject_dir):
+    """The example's own settings (objective, shift, guidance, validation, arms) with only the model, data,
+    size and length swapped for tiny ones."""
+    from fluxlora.runner import run
+
+    family = load_config(ROOT / "train_configs" / f"{name}.yaml").model.family
+    pipe = tiny_flux if family == "flux" else tiny_pipelines(family)
+    cfg = load_config(ROOT / "train_configs" / f"{name}.yaml", [
+        f"model.path={pipe}", "model.dtype=fp32", "model.quantize=none", "model.max_sequence_length=24",
+        f"data.instance_dir={subject_dir}", "data.resolution=32", f"output_dir={tmp_path}", "train.steps=1",
+        "train.mixed_precision=no", "sample.steps=2", "sample.seeds=[0]"])
+    results = run(cfg, warn=lambda m: None)
+    assert [r["arm"] for r in results] == cfg.adapter.arms and all("error" not in r for r in results), results
+
+
 def test_cli_reports_config_errors_with_exit_code_2_and_no_traceback(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("name: t\nmodel: {path: toy}\ndata: {instance_dir: d}\nadapter: {rnak: 4}\n")
