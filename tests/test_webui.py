@@ -32,12 +32,14 @@ def test_views_of_a_finished_group(finished_group):
     assert table["progress"][0] == "8/8 (100%)"
     assert views.sample_steps(group) == [0, 2, 4]
     assert views.nearest_step([0, 2, 4], 3) == 2 and views.nearest_step([0, 2, 4], -1) == 0
-    items, cols = views.step_grid(group, 2)
-    assert cols == 2 and len(items) == 4  # rows = 2 arms, columns = 1 prompt x 2 seeds
-    assert [label.split(" · ")[:3] for _, label in items][:2] == [["lora", "step 2", "seed 0"],
-                                                                   ["lora", "step 2", "seed 1"]]
-    assert items[2][1].startswith("loram · step 2")
-    assert all(path.endswith(".png") and "step-000002" in path for path, _ in items)
+    from webui import grid
+
+    assert grid.columns(group, 2) == [("a zxq emblem on a red background, center", 0),
+                                      ("a zxq emblem on a red background, center", 1)]
+    html = grid.grid_html(runs, group, 2, "/runs-file")
+    assert html.count("<tr>") == 3 and html.count("<img") == 4  # header + 2 arms, 1 prompt x 2 seeds
+    assert html.count('src="/runs-file/tiny/lora/samples/step-000002/') == 2 and "seed 1</th>" in html
+    assert "lora · rank 4 · lr 1.0e-02" in html and "loram · step 2 · seed 1" in html
     loss = views.loss_curves(group)
     assert set(loss["arm"]) == {"lora", "loram"} and len(loss) == 8
     facts = views.facts_table(group)
@@ -93,6 +95,28 @@ def test_the_live_view_sends_nothing_until_the_run_has_something_new(finished_gr
     _new_step(runs / "tiny", 8)
     slider, *_ = h.live("tiny", 2, now)  # looking at an earlier step: the slider grows and stays there
     assert slider["maximum"] == 8 and "value" not in slider
+
+
+def test_one_cell_for_the_base_and_every_arm_with_the_difference(finished_group):
+    import base64
+    import io
+
+    from webui import grid
+
+    runs, group = finished_group
+    html = grid.compare_html(runs, group, 4, 1, False, "/runs-file")
+    assert html.count("<img") == 3 and "base (step 0)" in html  # the base + 2 arms
+    assert 'src="/runs-file/tiny/lora/samples/step-000000/01.png"' in html
+    assert 'src="/runs-file/tiny/loram/samples/step-000004/01.png"' in html
+    diff = grid.compare_html(runs, group, 4, 1, True, "/runs-file")
+    uri = diff.split('src="data:image/png;base64,')[1].split('"')[0]
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))), dtype=np.int16)
+    arm = np.asarray(Image.open(runs / "tiny/lora/samples/step-000004/01.png").convert("RGB"), dtype=np.int16)
+    base = np.asarray(Image.open(runs / "tiny/lora/samples/step-000000/01.png").convert("RGB"), dtype=np.int16)
+    assert np.array_equal(shown, np.clip(np.abs(arm - base) * grid.DIFF_GAIN, 0, 255))
+    at0 = grid.compare_html(runs, group, 0, 0, True, "/runs-file")  # step 0 equals the base: all black
+    first = at0.split('src="data:image/png;base64,')[1].split('"')[0]
+    assert not np.asarray(Image.open(io.BytesIO(base64.b64decode(first)))).any()
 
 
 def test_smoothing_is_a_bias_corrected_moving_average():

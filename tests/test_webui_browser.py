@@ -90,6 +90,12 @@ def test_step_slider_moves_every_row(page):
     assert "step 4" in pg.locator("#grid-caption").inner_text()
     before = _grid_sources(pg)
     assert len(before) == 4  # 2 arms x (1 prompt x 2 seeds)
+    head = pg.locator("#step-grid thead").inner_text()
+    assert "seed 0" in head and "seed 1" in head and "a zxq emblem on a red background" in head
+    rows = pg.locator("#step-grid tbody th").all_inner_texts()
+    assert rows[0].startswith("lora") and "rank 4" in rows[0] and rows[1].startswith("loram")
+    width = pg.locator("#step-grid table").bounding_box()["width"]
+    assert width > 1000  # the grid takes the window's width (1280 px), images scale with it
     pg.screenshot(path=str(ARTIFACTS / "steps-4.png"), full_page=True)
     box = pg.locator("#step-slider input[type=number]")
     box.fill("2")
@@ -98,19 +104,24 @@ def test_step_slider_moves_every_row(page):
     pg.wait_for_function("(old) => { const now = [...document.querySelectorAll('#step-grid img')]"
                          ".map(e => e.getAttribute('src')); return now.length === 4 && now.every((s, i) => s !== old[i]); }",
                          arg=before)
-    labels = pg.locator("#step-grid").inner_text()
-    assert "lora · step 2" in labels and "loram · step 2" in labels
+    assert all("step-000002" in src for src in _grid_sources(pg))
     pg.screenshot(path=str(ARTIFACTS / "steps-2.png"), full_page=True)
-    shown = pg.locator("#step-grid img").count()
-    pg.locator("#step-grid img").first.click()  # enlarges: the preview adds the large image + thumbnails
-    pg.wait_for_function(f"() => document.querySelectorAll('#step-grid img').length > {shown}")
-    pg.screenshot(path=str(ARTIFACTS / "enlarged.png"))
-    pg.keyboard.press("Escape")
-    pg.wait_for_function(f"() => document.querySelectorAll('#step-grid img').length === {shown}")
     pg.locator("#play-btn").click()  # plays 2 -> 4 -> 0 (wraps), one step per second
     pg.wait_for_function("() => document.querySelector('#grid-caption').innerText.includes('step 0')")
     pg.locator("#play-btn").click()
     pg.wait_for_function("() => document.querySelector('#play-btn').innerText.includes('Play')")
+
+
+def test_compare_one_cell_with_the_base_and_the_difference(page):
+    pg = page
+    pg.wait_for_function("() => document.querySelectorAll('#compare-out img').length === 3")
+    labels = pg.locator("#compare-out").inner_text()
+    assert "base (step 0)" in labels and "lora · step" in labels and "loram · step" in labels
+    pg.locator("#compare-diff input").check()
+    pg.wait_for_function("() => [...document.querySelectorAll('#compare-out img')].filter("
+                         "e => e.src.startsWith('data:image/png')).length === 2")
+    pg.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+    pg.locator("#compare-diff input").uncheck()
 
 
 def test_facts_and_downloads(page, server):
@@ -296,10 +307,10 @@ def test_new_samples_and_metrics_appear_without_a_click(page, server):
             raise AssertionError(f"caption {pg.locator('#grid-caption').inner_text()!r}, picked "
                                  f"{pg.locator('#group-pick input').first.input_value()!r}, slider "
                                  f"{pg.locator('#step-slider input[type=number]').input_value()!r}") from None
-        labels = pg.locator("#step-grid").inner_text()
-        assert "lora · step 6" in labels and "loram · step 6" in labels
+        rows = pg.locator("#step-grid tbody th").all_inner_texts()
+        assert len(rows) == 2 and all("step 6" in r and "subject_fidelity 0.5 ↑" in r for r in rows), rows
         pg.get_by_role("tab", name="Curves").click()
-        pg.wait_for_selector("text=subject_fidelity")
+        pg.wait_for_function("() => document.body.innerText.includes('subject_fidelity (higher is better)')")
 
 
 def test_any_page_sees_cancels_and_resumes_a_launched_job(page, server, tmp_path, tiny_flux):

@@ -1,7 +1,7 @@
 """`fluxlora webui`: the Gradio page that compares a run's arms side by side, step by step.
 
 Layout: a run browser on top (live status), then tabs: Steps (the grid, rows = arms, columns = prompt x
-seed, one slider for all rows), Curves, Facts, Generate (every arm's adapter on one loaded base),
+seed, one slider for all rows, and one cell large for the base and every arm), Curves, Facts, Generate (every arm's adapter on one loaded base),
 Launch (upload a subject, start `fluxlora train`), Download, Sweeps (a sweep's report.md and plots). Files are served only from the runs folder.
 """
 
@@ -20,8 +20,7 @@ from fluxlora.metric_info import METRICS
 from webui.launch import MAX_IMAGE_BYTES, MAX_IMAGES, MAX_UPLOAD_BYTES, MIN_IMAGES, UPLOADS
 
 CSS = """
-#step-grid, #generate-out { max-width: 880px; }
-#step-grid .thumbnail-item img, #step-grid img { image-rendering: pixelated; }
+#generate-out { max-width: 880px; }
 #generate-out img { image-rendering: pixelated; }
 """
 REFRESH_SECONDS = 2.0
@@ -45,9 +44,13 @@ def _steps_tab():
                            scale=5)
         play = gr.Button("▶ Play", elem_id="play-btn", scale=1)
     caption = gr.Markdown(elem_id="grid-caption")
-    grid = gr.Gallery(label="Samples: rows = arms, columns = prompt x seed (click to enlarge)", columns=4,
-                      elem_id="step-grid", object_fit="contain", height="auto", allow_preview=True)
-    return slider, play, caption, grid
+    table = gr.HTML(elem_id="step-grid")
+    with gr.Row():
+        cell = gr.Dropdown([], label="Compare one cell: the base and every arm, large", elem_id="compare-cell",
+                           scale=4)
+        diff = gr.Checkbox(False, label="difference to the base", elem_id="compare-diff", scale=1)
+    compare = gr.HTML(elem_id="compare-out")
+    return slider, play, caption, table, cell, diff, compare
 
 
 def _curves_tab(h: Handlers, pick, seen):
@@ -149,7 +152,7 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
         seen = gr.State("")  # the chosen run's views.signature when last drawn (the live view compares it)
         with gr.Tabs():
             with gr.Tab("Steps", id="steps"):
-                slider, play, caption, grid = _steps_tab()
+                slider, play, caption, grid, cell, diff, compare = _steps_tab()
             with gr.Tab("Curves", id="curves"):
                 loss = _curves_tab(h, pick, seen)
             with gr.Tab("Facts", id="facts"):
@@ -166,14 +169,16 @@ def build(runs: Path) -> tuple[gr.Blocks, Handlers]:
         playing = gr.State(False)
         live, player = gr.Timer(REFRESH_SECONDS), gr.Timer(1.0, active=False)
 
-        group_outputs = [slider, grid, grid, caption, loss, facts, downloads]
+        group_outputs = [slider, grid, caption, cell, loss, facts, downloads]
         pick.change(h.select_group, pick, group_outputs).then(h.seen, pick, seen)
         demo.load(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs).then(
             h.seen, pick, seen)
         table.select(h.pick_row, [pick, table], [table, pick])
         refresh.click(h.refresh_groups, pick, [table, pick]).then(h.select_group, pick, group_outputs)
         # one event for every way the step changes: dragging, typing, the play timer, a new group
-        slider.change(h.move_step, [pick, slider], [grid, grid, caption], trigger_mode="always_last")
+        slider.change(h.move_step, [pick, slider], [grid, caption], trigger_mode="always_last")
+        for event in (slider.change, cell.change, diff.change):
+            event(h.compare, [pick, slider, cell, diff], compare, trigger_mode="always_last")
         play.click(h.play, playing, [playing, player, play])
         player.tick(h.tick_play, [pick, slider], slider)
         live.tick(h.refresh_groups, [pick, table], [table, pick], show_progress="hidden")

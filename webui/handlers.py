@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import gradio as gr
 
-from webui import views
+from webui import grid, views
 from webui.jobs import Jobs
 from webui.launch import LaunchError, LaunchForm, screen_uploads, stage
 
@@ -57,25 +57,36 @@ class Handlers:
         steps = views.sample_steps(group) if group else []
         if not steps:
             slider = gr.update(minimum=0, maximum=1, step=1, value=0, interactive=False)
-            return slider, [], gr.update(columns=1), "no samples yet", *self.panels(name)
+            return slider, "", "no samples yet", gr.update(choices=[], value=None), *self.panels(name)
         stride = reduce(math.gcd, [b - a for a, b in zip(steps, steps[1:])], 0) or 1
         slider = gr.update(minimum=steps[0], maximum=steps[-1], step=stride, value=steps[-1], interactive=True)
-        items, cols, label = self._grid(group, steps, steps[-1])
-        return slider, items, gr.update(columns=cols), label, *self.panels(name)
+        table, label = self._grid(group, steps, steps[-1])
+        cells = grid.column_labels(group, steps[-1])
+        return slider, table, label, gr.update(choices=cells, value=cells[0] if cells else None), *self.panels(name)
 
     def _grid(self, group, steps: list[int], wanted: float):
         step = views.nearest_step(steps, wanted)
-        items, cols = views.step_grid(group, step)
-        arms = ", ".join(a.name for a in group.arms())
-        return items, cols, f"**step {step}** of {steps[-1]} · rows: {arms} · columns: prompt x seed"
+        return (grid.grid_html(self.runs, group, step, FILE_ROUTE),
+                f"**step {step}** of {steps[-1]} · rows: arms · columns: prompt x seed (hover for the full text)")
 
     def move_step(self, name: str | None, wanted: float):
         group = views.open_group(self.runs, name)
         steps = views.sample_steps(group) if group else []
         if not steps:
-            return [], gr.update(), "no samples yet"
-        items, cols, label = self._grid(group, steps, wanted)
-        return items, gr.update(columns=cols), label
+            return "", "no samples yet"
+        return self._grid(group, steps, wanted)
+
+    def compare(self, name: str | None, wanted: float, cell: str | None, diff: bool) -> str:
+        """One cell (prompt x seed) for the base and every arm at the slider's step, large."""
+        group = views.open_group(self.runs, name)
+        steps = views.sample_steps(group) if group else []
+        if not steps or not cell:
+            return ""
+        step = views.nearest_step(steps, wanted)
+        labels = grid.column_labels(group, step)
+        if cell not in labels:
+            return ""
+        return grid.compare_html(self.runs, group, step, labels.index(cell), diff, FILE_ROUTE)
 
     def live(self, name: str | None, current: float, seen: str | None):
         """The live view (polled): when the chosen run has new samples or metric points, the slider grows

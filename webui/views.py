@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from fluxlora.rundir import SWEEP_STATE, ArmDir, GroupDir, group_label, list_groups, list_sweeps, read_json, step_name
+from fluxlora.rundir import SWEEP_STATE, ArmDir, GroupDir, group_label, list_groups, list_sweeps, read_json
 
 LOSS_SMOOTHING = 0.9  # exponential moving average factor of the displayed loss curve
 FACT_COLUMNS = ["arm", "method", "rank", "scale", "lr", "clipped", "trainable params", "init s", "steps/s",
@@ -95,27 +95,6 @@ def nearest_step(steps: list[int], wanted: float) -> int | None:
         return None
     earlier = [s for s in steps if s <= wanted]
     return earlier[-1] if earlier else steps[0]
-
-
-def step_grid(group: GroupDir, step: int) -> tuple[list[tuple[str, str]], int]:
-    """Gallery items for one step: rows = arms, columns = prompts x seeds, each (png path, label).
-
-    An arm without samples at this step shows its latest earlier samples (labelled with their step),
-    so rows stay aligned while a run is still in progress."""
-    items: list[tuple[str, str]] = []
-    columns = 1
-    for arm in group.arms():
-        shown = nearest_step([s for s in arm.sample_steps() if s <= step], step)
-        if shown is None:
-            continue
-        folder = arm.samples_dir / step_name(shown)
-        meta = read_json(folder / "meta.json", {}) or {}
-        images = meta.get("images", [])
-        columns = max(columns, len(images))
-        for img in images:
-            label = f"{arm.name} · step {shown} · seed {img['seed']} · {img['prompt']}"
-            items.append((str(folder / img["file"]), label))
-    return items, columns
 
 
 def smooth(values: list[float], factor: float = LOSS_SMOOTHING) -> list[float]:
