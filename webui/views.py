@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from fluxlora.metric_info import METRICS
 from fluxlora.rundir import SWEEP_STATE, ArmDir, GroupDir, group_label, list_groups, list_sweeps, read_json
 
 LOSS_SMOOTHING = 0.9  # exponential moving average factor of the displayed loss curve
@@ -128,7 +129,8 @@ def metric_names(group: GroupDir) -> list[str]:
     for arm in group.arms():
         for r in arm.metrics():
             for k, v in r.items():
-                if k not in METRIC_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool):
+                reference = k in METRICS and METRICS[k].higher_is_better is None  # the base's value: a flat line
+                if k not in METRIC_SKIP and not reference and isinstance(v, (int, float)) and not isinstance(v, bool):
                     names.setdefault(k)
     return list(names)
 
