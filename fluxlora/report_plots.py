@@ -61,34 +61,39 @@ def _ylabel(metric: str) -> str:
     return f"{metric} ({m.arrow})" if m else metric
 
 
+def _figure(out: Path, name: str, panels: list[tuple], draw_panel, xlabel: str, metric: str) -> str:
+    """One PNG with a panel per remaining setting; ``draw_panel(ax, panel)`` draws its lines."""
+    plt = _pyplot()
+    fig, axes = _axes(plt, len(panels))
+    for ax, panel in zip(axes, panels):
+        draw_panel(ax, panel)
+        ax.set(title=_title(panel), xlabel=xlabel, ylabel=_ylabel(metric))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, out / name)
+    plt.close(fig)
+    return name
+
+
 def steps_plot(out: Path, best: dict[tuple, list[ArmRun]], chosen: str | None, metric: str) -> str | None:
     if not any(metric in r.series for runs in best.values() for r in runs):
         return None
-    plt = _pyplot()
-    panels = _panels(best)
-    fig, axes = _axes(plt, len(panels))
-    for ax, panel in zip(axes, panels):
+
+    def lines(ax, panel):
         for key, runs in sorted(best.items()):
             if key[1:] == panel:
                 pick = f" @ {chosen.rsplit('.', 1)[-1]}={runs[0].values[chosen]}" if chosen else ""
                 _band(ax, runs, metric, f"{key[0]}{pick}")
-        ax.set(title=_title(panel), xlabel="step", ylabel=_ylabel(metric))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    name = f"{metric}_steps.png"
-    _save(fig, out / name)
-    plt.close(fig)
-    return name
+
+    return _figure(out, f"{metric}_steps.png", _panels(best), lines, "step", metric)
 
 
 def sensitivity_plot(out: Path, runs: list[ArmRun], seeds: str | None, chosen: str, metric: str) -> str | None:
     groups = by_setting(runs, tuple(k for k in (seeds, chosen) if k))
     if not any(finals(g, metric) for g in groups.values()):
         return None
-    plt = _pyplot()
-    panels = _panels(groups)
-    fig, axes = _axes(plt, len(panels))
-    for ax, panel in zip(axes, panels):
+
+    def lines(ax, panel):
         for key, group in sorted(groups.items()):
             if key[1:] != panel:
                 continue
@@ -99,13 +104,8 @@ def sensitivity_plot(out: Path, runs: list[ArmRun], seeds: str | None, chosen: s
                         marker="o", ms=3, capsize=3, label=key[0])
             if all(isinstance(x, (int, float)) and x > 0 for x in xs):
                 ax.set_xscale("log")
-        ax.set(title=_title(panel), xlabel=chosen, ylabel=_ylabel(metric))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    name = f"{metric}_by_{chosen.rsplit('.', 1)[-1]}.png"
-    _save(fig, out / name)
-    plt.close(fig)
-    return name
+
+    return _figure(out, f"{metric}_by_{chosen.rsplit('.', 1)[-1]}.png", _panels(groups), lines, chosen, metric)
 
 
 def draw(out: Path, runs: list[ArmRun], best: dict, seeds: str | None, chosen: str | None,

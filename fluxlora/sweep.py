@@ -40,11 +40,23 @@ def cell_state(cell_root: Path, cfg) -> str:
     info = group.info()
     if not info:
         return "new"
-    if info.get("config_hash") != config_hash(cfg):
+    if info.get("config_hash") != config_hash(cfg) and not _same_settings(group, cfg):
         raise RunError(f"{cell_root} was trained with another config than the sweep now gives it -> fix: give "
                        "the sweep a new name, or delete that cell folder to train it again")
     arms = [group.arm(a).status().get("status") for a in cfg.adapter.arms]
     return "done" if info.get("status") == "done" and all(s == "done" for s in arms) else "partial"
+
+
+def _same_settings(group: GroupDir, cfg) -> bool:
+    """Whether the cell folder's config.yaml is ``cfg`` up to ``train.resume`` (a resumed run records
+    'latest' there: the same run, continued)."""
+    try:
+        stored = load_config(group.config_file).model_dump()
+    except ConfigError:
+        return False
+    wanted = cfg.model_dump()
+    stored["train"]["resume"] = wanted["train"]["resume"] = None
+    return stored == wanted
 
 
 def write_state(root: Path, sweep: SweepConfig, planned, started: float, times: list[float], status: str) -> int:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-UI_ALLOWED = {"fluxlora.rundir", "fluxlora.errors", "fluxlora.config", "fluxlora.bench", "fluxlora.threads"}
+UI_ALLOWED = {"fluxlora.rundir", "fluxlora.errors", "fluxlora.config", "fluxlora.bench", "fluxlora.threads",
+              "fluxlora.metric_info"}
 TRAINER = ("fluxlora.runner", "fluxlora.train", "fluxlora.arms", "fluxlora.prepare")
 
 
@@ -28,11 +29,12 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_web_ui_imports_only_run_folders_errors_config_the_bench_and_the_thread_policy():
+def test_web_ui_imports_only_run_folders_errors_config_metrics_the_bench_and_the_thread_policy():
     for path in sorted((ROOT / "webui").glob("*.py")):
         ours = {m for m in imported_modules(path) if m.startswith("fluxlora")}
         assert ours <= UI_ALLOWED, (path.name, ours - UI_ALLOWED)
-    code = ("import sys, webui.app, webui.handlers, webui.launch, webui.views, webui.files, fluxlora.bench\n"
+    code = ("import sys, webui.app, webui.handlers, webui.launch, webui.views, webui.files, webui.grid, webui.jobs, "
+            "fluxlora.bench\n"
             f"print([m for m in {TRAINER!r} if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -41,7 +43,8 @@ def test_web_ui_imports_only_run_folders_errors_config_the_bench_and_the_thread_
 
 def test_tables_and_errors_import_no_torch():
     code = ("import sys, fluxlora.errors, fluxlora.config, fluxlora.methods, fluxlora.formats, fluxlora.families, "
-            "fluxlora.rundir\nprint('torch' in sys.modules)")
+            "fluxlora.rundir, fluxlora.metric_info, fluxlora.sweep_config, fluxlora.report\n"
+            "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
 

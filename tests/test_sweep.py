@@ -165,6 +165,8 @@ def test_a_sweep_trains_every_cell_skips_finished_ones_and_resumes_the_rest(tmp_
     arm.set_status("interrupted")
     run_sweep(path, warn=lambda m: None)
     assert calls == [("lr0.01", True)] and arm.status()["status"] == "done"
+    run_sweep(path, warn=lambda m: None)  # a resumed cell records train.resume: latest; still the same cell
+    assert calls == [("lr0.01", True)]
     changed = sweep_file(tmp_path, str(base), set={"train.steps": 3}, grid={"train.lr": [1.0e-3, 1.0e-2]},
                          report={"seeds": None})
     with pytest.raises(RunError, match="lr0.001 was trained with another config"):

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from urllib.parse import quote
 
-from fluxlora import metric_info
+from fluxlora.metric_info import METRICS
 from fluxlora.rundir import ArmDir, GroupDir, read_json, step_name
 
 SHOWN_METRICS = ("subject_fidelity", "dino", "clip_i", "clip_t", "val_loss_subject", "val_loss_prior")
@@ -65,7 +65,7 @@ def arm_header(arm: ArmDir, step: int | None) -> str:
     lr = summary.get("lr")
     facts = [f"{init.get('method', arm.name)} · rank {init.get('rank', '-')}" + (f" · lr {lr:.1e}" if lr else "")]
     for key, value in step_metrics(arm, step).items() if step is not None else []:
-        arrow = "↑" if metric_info.METRICS[key].higher_is_better else "↓"
+        arrow = "↑" if METRICS[key].higher_is_better else "↓"
         facts.append(f"{key} {value:.4g} {arrow}")
     where = f"step {step}" if step is not None else "no samples yet"
     return (f'<span class="arm">{html.escape(arm.name)}</span><br>{where}<br>'
