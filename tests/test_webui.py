@@ -253,6 +253,28 @@ def test_launch_form_problems_are_all_reported_and_nothing_is_left(tmp_path):
         stage(many, runs)
 
 
+def test_captions_uploaded_with_their_images_go_with_them(tmp_path):
+    from fluxlora.data import load_samples
+    from webui.launch import LaunchError, LaunchForm, screen_uploads, stage
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    imgs = _images(tmp_path / "up", 3)
+    (tmp_path / "up" / "img1.txt").write_text("a zxq emblem on a blue background, top left\n")
+    stray = tmp_path / "up" / "notes.txt"
+    stray.write_text("no image of this name")
+    empty = tmp_path / "up" / "img2.txt"
+    empty.write_text("  \n")
+    kept, problems = screen_uploads(imgs + [tmp_path / "up" / "img1.txt", empty])
+    assert len(kept) == 4 and problems == ["img2.txt: an empty caption (delete it to use the form's caption)"]
+    with pytest.raises(LaunchError, match="notes.txt: no image named notes"):
+        stage(LaunchForm(name="cap", images=imgs + [stray], trigger="zxq"), runs)
+    config = stage(LaunchForm(name="cap", images=kept, trigger="zxq", prompt="a photo of {trigger}"), runs)
+    samples = load_samples(str(config.parent / "images"), "a photo of zxq")
+    assert [s.caption for s in samples] == ["a photo of zxq", "a zxq emblem on a blue background, top left",
+                                            "a photo of zxq"]
+
+
 def test_launch_then_cancel_keeps_a_resumable_checkpoint(tmp_path, tiny_flux):
     """The subprocess is stopped by SIGTERM like Ctrl-C: exit 143, arm 'interrupted', a checkpoint to resume.
     The job table belongs to the runs folder: another server (or page) sees the job, cancels and resumes it."""

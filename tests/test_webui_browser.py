@@ -188,7 +188,9 @@ def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux)
     assert pg.locator("#launch-res input").input_value() == "64"  # the default model is the toy one
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG" + bytes(30 * 2**20))  # over the per-image limit: refused alone
-    pg.locator("#launch-files input[type=file]").set_input_files([str(f) for f in files] + [str(big)])
+    caption = tmp_path / "s0.txt"
+    caption.write_text("a zxq emblem on an orange background, center")
+    pg.locator("#launch-files input[type=file]").set_input_files([str(f) for f in files] + [str(big), str(caption)])
     pg.wait_for_function("() => document.querySelector('#launch-status').innerText.includes('big.png')")
     assert "over the 20 MB limit" in pg.locator("#launch-status").inner_text()
     pg.wait_for_function("() => document.querySelector('#launch-files').innerText.includes('s2')")
@@ -210,6 +212,8 @@ def test_launch_from_the_browser_adds_a_group(page, server, tmp_path, tiny_flux)
     assert "from_browser" in pg.locator("#jobs-table").inner_text()
     pg.screenshot(path=str(ARTIFACTS / "launch.png"), full_page=True)
     assert (runs / "from_browser" / "lora" / "adapter.safetensors").is_file(), handlers.jobs.log_tail("from_browser")
+    staged = runs / ".uploads" / "from_browser" / "images"
+    assert (staged / "00.txt").read_text() == caption.read_text() and not (staged / "01.txt").exists()
 
 
 def _click_run(pg, name: str) -> None:

@@ -96,8 +96,8 @@ def _launch_tab():
     gr.Markdown(f"Upload {MIN_IMAGES}-{MAX_IMAGES} images of your subject (PNG/JPEG/WebP, at most "
                 f"{MAX_IMAGE_BYTES // 2**20} MB each). Training runs as a `fluxlora train` subprocess; "
                 "cancelling saves a checkpoint (continue later with `--resume`).")
-    files = gr.File(file_count="multiple", file_types=[".png", ".jpg", ".jpeg", ".webp"], label="Subject images",
-                    elem_id="launch-files")
+    files = gr.File(file_count="multiple", file_types=[".png", ".jpg", ".jpeg", ".webp", ".txt"],
+                    label="Subject images (+ optional captions: a .txt with the image's name)", elem_id="launch-files")
     with gr.Row():
         name = gr.Textbox(label="Run name", elem_id="launch-name")
         trigger = gr.Textbox("zxq", label="Trigger word", elem_id="launch-trigger")

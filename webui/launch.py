@@ -27,6 +27,31 @@ class LaunchError(ValueError):
     """A launch form problem, phrased for the user."""
 
 
+CAPTION_SUFFIX = ".txt"  # a caption uploaded beside its image: same name, .txt
+MAX_CAPTION_BYTES = 64 * 1024
+
+
+def check_caption(path: Path) -> str | None:
+    """A problem with one uploaded caption file, or None."""
+    if path.stat().st_size > MAX_CAPTION_BYTES:
+        return f"{path.name}: a caption over {MAX_CAPTION_BYTES // 1024} kB"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        return f"{path.name}: not UTF-8 text (save the caption as UTF-8)"
+    return None if text.strip() else f"{path.name}: an empty caption (delete it to use the form's caption)"
+
+
+def check_file(path: Path) -> str | None:
+    return check_caption(path) if path.suffix.lower() == CAPTION_SUFFIX else check_image(path)
+
+
+def split_upload(paths: list[Path]) -> tuple[list[Path], dict[str, Path]]:
+    """The images, and the captions by their stem."""
+    captions = {p.stem: p for p in paths if p.suffix.lower() == CAPTION_SUFFIX}
+    return [p for p in paths if p.suffix.lower() != CAPTION_SUFFIX], captions
+
+
 def check_image(path: Path) -> str | None:
     """A problem with one uploaded file, or None if it is a usable image."""
     suffix = path.suffix.lower()
@@ -74,9 +99,13 @@ def check_form(form: LaunchForm, runs: Path) -> list[str]:
         problems.append("trigger word: 2-32 letters, digits or '_' (a rare token such as 'zxq')")
     if "{trigger}" not in form.prompt:
         problems.append("caption: must contain {trigger} where the trigger word goes")
-    if not MIN_IMAGES <= len(form.images) <= MAX_IMAGES:
-        problems.append(f"images: upload {MIN_IMAGES}-{MAX_IMAGES} subject images (got {len(form.images)})")
-    problems += [p for p in map(check_image, form.images) if p]
+    images, captions = split_upload(form.images)
+    if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
+        problems.append(f"images: upload {MIN_IMAGES}-{MAX_IMAGES} subject images (got {len(images)})")
+    problems += [p for p in map(check_file, form.images) if p]
+    stems = {p.stem for p in images}
+    problems += [f"{c.name}: no image named {stem}.* in the upload (a caption goes with the image of the same "
+                 "name)" for stem, c in captions.items() if stem not in stems]
     if not form.arms:
         problems.append("arms: pick at least one init method")
     return problems
@@ -106,8 +135,11 @@ def stage(form: LaunchForm, runs: Path) -> Path:
     dataset = folder / "images"
     dataset.mkdir(parents=True)
     try:
-        for i, src in enumerate(form.images):
+        images, captions = split_upload(form.images)
+        for i, src in enumerate(images):
             shutil.copyfile(src, dataset / f"{i:02d}{src.suffix.lower()}")
+            if src.stem in captions:  # the data loader reads the same-name .txt as this image's caption
+                shutil.copyfile(captions[src.stem], dataset / f"{i:02d}{CAPTION_SUFFIX}")
         cfg = parse_config(build_config(form, runs, dataset), source="web UI launch form")
     except (ConfigError, OSError) as e:
         shutil.rmtree(folder, ignore_errors=True)
@@ -136,6 +168,6 @@ def screen_uploads(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """Split an upload into usable images and one problem per refused file (a bad file is refused alone)."""
     kept, problems = [], []
     for path in paths:
-        problem = check_image(path)
+        problem = check_file(path)
         (problems.append(problem) if problem else kept.append(path))
     return kept, problems
