@@ -71,13 +71,15 @@ def by_setting(runs: list[ArmRun], drop: tuple) -> dict[tuple, list[ArmRun]]:
 
 
 def choose(runs: list[ArmRun], seeds: str | None, chosen: str | None, on: str) -> dict[tuple, list[ArmRun]]:
-    """Per arm and remaining setting: the seeds of its best value of ``chosen`` by the mean final ``on``."""
+    """Per arm and remaining setting: the seeds of its best value of ``chosen`` by the mean final ``on``, among the
+    values that have the most seeds finished (a partial sweep never compares a 2-seed mean with a 1-seed one)."""
     drop = tuple(k for k in (seeds, chosen) if k)
     best = {}
     for key, group in by_setting(runs, drop).items():
         options = by_setting(group, (seeds,) if seeds else ())
+        most = max(len(v) for v in options.values())  # while a sweep runs: compare only values with every seed
         scored = [(mean_sd(v)[0], opt) for opt, opt_runs in options.items()
-                  if (v := [x for r in opt_runs if (x := r.final(on)) is not None])]
+                  if len(opt_runs) == most and (v := [x for r in opt_runs if (x := r.final(on)) is not None])]
         if not scored:
             continue
         pick = scored[0]

@@ -111,6 +111,10 @@ def test_report_chooses_each_arm_on_the_selection_metric_and_reports_others_over
     best = report.choose(runs, "train.seed", "train.lr", "val_loss_subject")
     chosen = {key[0]: {r.values["train.lr"] for r in group} for key, group in best.items()}
     assert chosen == {"a": {2.0}, "b": {1.0}}
+    partial = [r for r in runs if not (r.arm == "a" and r.values["train.lr"] == 2.0 and r.values["train.seed"] > 0)]
+    best = report.choose(partial, "train.seed", "train.lr", "val_loss_subject")
+    a = next(g for k, g in best.items() if k[0] == "a")  # its better lr 2 has one seed so far: not compared yet
+    assert {r.values["train.lr"] for r in a} == {1.0} and len(a) == 3
     text = report.write(tmp_path).read_text()
     fid_a = [values[("a", 2.0, s)] for s in (0, 1, 2)]
     direct = f"{statistics.fmean(fid_a):.4g} ± {statistics.stdev(fid_a):.2g}"
