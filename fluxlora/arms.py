@@ -21,7 +21,7 @@ def check_arm(prep: Prepared, cfg, method: str):
     a, model = cfg.adapter, prep.model
     targets = adapters.find_targets(model, a.target_modules or prep.family.target_presets[a.targets],
                                     blocks_only=not a.target_modules)
-    export.check_formats(cfg.export.formats, targets)
+    export.check_formats(cfg.export.formats, targets, cfg.model.family)
     _check_rank_fits(model, targets, a.rank, method)
     m = methods.get(method)
     if m.check:
@@ -31,7 +31,7 @@ def check_arm(prep: Prepared, cfg, method: str):
     if a.init_from is None:
         return targets, None
     out_features = adapters.linear_out_features(model)
-    start_file = lorafile.read(a.init_from, out_features)
+    start_file = lorafile.read(a.init_from, out_features, cfg.model.family)
     lorafile.check(start_file, a.rank, targets, m.start == methods.OFFSET, method, list(out_features))
     return targets, start_file
 

@@ -26,12 +26,11 @@ EPILOG = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fluxlora", description="DreamBooth-style LoRA training for FLUX with "
-                                "the adapter initialization (LoRA, PiSSA, LoRAM, ...) as a comparable axis.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    sub = p.add_subparsers(dest="command", required=True)
+THREADS = dict(type=int, default=None, metavar="N", help="torch CPU threads (default: every core; set it when "
+               "other CPU-heavy processes share the machine, so the total stays within the cores)")
+
+
+def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train one or several adapter arms from a YAML config")
     t.add_argument("config", help="YAML config (see train_configs/)")
     t.add_argument("overrides", nargs="*", help="config overrides key.path=value, e.g. train.steps=100")
@@ -44,15 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "images and captions it would train on; loads no weights, exit 0 only if a run would start")
     t.add_argument("--dump-dataset", default=None, metavar="DIR", help="with --dry-run (implies it): write each "
                    "training image as the trainer sees it (resized, cropped, flipped) as PNG + caption into DIR")
-    THREADS = dict(type=int, default=None, metavar="N", help="torch CPU threads (default: every core; set it when "
-                   "other CPU-heavy processes share the machine, so the total stays within the cores)")
     t.add_argument("--threads", **THREADS)
+
+
+def _sweep_parser(sub) -> None:
     w = sub.add_parser("sweep", help="train a grid of runs (e.g. init x lr x rank x seed) and write a report")
     w.add_argument("sweep", help="sweep YAML (see sweeps/): a run config, fixed overrides and a grid")
     w.add_argument("--dry-run", action="store_true", help="check every cell's config and list the cells and "
                    "what is on disk for each; trains nothing")
     w.add_argument("--report", action="store_true", help="only rewrite report.md and plots/ from what is on disk")
     w.add_argument("--threads", **THREADS)
+
+
+def _export_parser(sub) -> None:
     e = sub.add_parser("export", help="re-export the adapters of a run from its latest checkpoints")
     e.add_argument("run_dir", help="runs/<name>")
     e.add_argument("--arm", action="append", help="only this arm (repeatable; default all)")
@@ -65,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, metavar="N", help="export the checkpoint of step N (into "
                    "<arm>/exports/step-N/) instead of the latest; the error lists the steps that have one")
     e.add_argument("--threads", **THREADS)
+
+
+def _sample_and_info_parsers(sub) -> None:
     s = sub.add_parser("sample", help="generate images with a trained adapter through diffusers")
     s.add_argument("run_dir", help="runs/<name>")
     s.add_argument("--prompt", required=True)
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output PNG (default: <arm>/sample-<seed>.png)")
     i = sub.add_parser("info", help="print the metadata of an exported adapter file")
     i.add_argument("file", help="adapter.safetensors")
+
+
+def _webui_parser(sub) -> None:
     w = sub.add_parser("webui", help="browse and compare runs side by side in the browser (Gradio)")
     w.add_argument("--runs", default="runs", help="runs folder to browse and launch into (default: runs)")
     w.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
@@ -83,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, default=None, metavar="N", help="threads of the server's own generation "
                    "(default: 1 while a training it launched runs, else every core); launched trainings get "
                    "every core but one")
+
+
+def _toy_parser(sub) -> None:
     toy = sub.add_parser("toy", help="the embedded toy base model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pt = toy_sub.add_parser("pretrain", help="pretrain the toy FLUX base model (resumable)")
@@ -98,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                              ("--t5-lr", float, "T5 encoder peak lr (independent of --lr)"),
                              ("--object-weight", float, "extra loss weight of the named object's cell")):
         pt.add_argument(flag, type=kind, default=None, help=f"{what} (default: the shipped model's recipe)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fluxlora", description="DreamBooth-style LoRA training (FLUX.1, SD3, SDXL, SD 1.5) with "
+                                "the adapter initialization (LoRA, PiSSA, LoRAM, ...) as a comparable axis.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _sweep_parser, _export_parser, _sample_and_info_parsers, _webui_parser, _toy_parser):
+        add(sub)
     return p
 
 

@@ -156,7 +156,7 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
         print(f"{name}: {path.name}: {line}")
     from fluxlora.formats import loader_warnings
 
-    for line in loader_warnings(formats or acfg.export.formats, targets):
+    for line in loader_warnings(formats or acfg.export.formats, targets, acfg.model.family):
         print(f"{name}: warning: {line}")
     if truncation is not None:
         layer, worst = truncation.worst

@@ -3,8 +3,9 @@ format table (formats.py):
 
 - ``diffusers`` (adapter.safetensors): diffusers/peft keys written by the family pipeline's own
   save_lora_weights, LoRA config in the metadata (so ``load_lora_weights`` restores alpha);
-- ``comfyui`` (adapter_comfyui.safetensors): kohya keys on the BFL modules, fused layers built exactly,
-  an ``.alpha`` tensor beside every adapter (kohya.py).
+- ``comfyui`` (adapter_comfyui.safetensors): kohya keys on the original checkpoint's modules (FLUX: BFL's,
+  SD3: Stability's MMDiT, SDXL / SD 1.5: the UNet's), fused layers built exactly, an ``.alpha`` tensor
+  beside every adapter (kohya.py).
 
 Optionally at a lower rank: the truncated SVD of every layer's delta, with the error it introduces."""
 
@@ -75,13 +76,13 @@ def balanced(layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, 
 
 @torch.no_grad()
 def cast_error(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, path: Path,
-               out_features: dict[str, int]) -> tuple[float, tuple[str, float]]:
+               out_features: dict[str, int], family: str) -> tuple[float, tuple[str, float]]:
     """Relative Frobenius error of the file's deltas against the fp32 ones, read back through our reader:
     (overall, (worst layer, its error)). ||s B A - s' B' A'||^2 = tr((X^T X)(Y Y^T)) with X = [s B, -s' B'],
     Y = [A; A']: no n x m product."""
     from fluxlora import lorafile
 
-    read = lorafile.read(path, out_features).layers
+    read = lorafile.read(path, out_features, family).layers
     errors, err_sum, total_sum = {}, 0.0, 0.0
     for name, (a, b) in layers.items():
         fa, fb, fs = read[name]
@@ -185,8 +186,7 @@ def _cast(layers, dtype: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: (a.to(to), b.to(to)) for name, (a, b) in layers.items()}
 
 
-def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict,
-                    lora_component: str, pipeline_cls) -> None:
+def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict, family) -> None:
     """Write through the family pipeline's save_lora_weights into a temp dir, add our metadata, rename in
     place. The scale is folded into the factors (sqrt(s) into each, in fp32 before the cast) and the LoRA
     config says alpha = rank: a loader that ignores the metadata's alpha (ComfyUI, ai-toolkit) applies the
@@ -202,9 +202,10 @@ def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, ou
     config["init_lora_weights"] = True  # loaders must never re-run an init (docs/design.md environment fact E2)
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        pipeline_cls.save_lora_weights(tmp, weight_name="a.safetensors",
-                                       **{f"{lora_component}_lora_layers": state,
-                                          f"{lora_component}_lora_adapter_metadata": config})
+        component = family.lora_component
+        family.pipeline_class().save_lora_weights(tmp, weight_name="a.safetensors",
+                                                  **{f"{component}_lora_layers": state,
+                                                     f"{component}_lora_adapter_metadata": config})
         with safe_open(os.path.join(tmp, "a.safetensors"), "pt") as f:
             metadata = dict(f.metadata() or {})
         metadata[META_KEY] = json.dumps(meta, sort_keys=True)
@@ -213,11 +214,10 @@ def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, ou
         os.replace(final_tmp, path)
 
 
-def write_comfyui(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict,
-                  lora_component: str, pipeline_cls) -> None:
+def write_comfyui(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict, family) -> None:
     """kohya keys (fused layers built exactly, alpha in fp32 beside each adapter)."""
     to = EXPORT_DTYPES[dtype]
-    state = kohya.to_kohya(layers, scale, out_features)
+    state = kohya.to_kohya(layers, scale, out_features, family.name)
     save_kohya_file(path, {k: v if k.endswith(".alpha") else v.to(to) for k, v in state.items()}, meta)
 
 
@@ -233,8 +233,7 @@ def write(path: Path, fmt: str, layers, scale: float, dtype: str, meta: dict, ou
     """One file of ``layers`` (fp32 factors, cast to ``dtype`` only after fusing / folding the scale)."""
     rank = next(iter(layers.values()))[0].shape[0]
     meta = {**meta, "format": fmt, "dtype": dtype, "export_rank": rank, "alpha": rank * scale}
-    FORMATS[fmt].fn("write")(path, layers, scale, dtype, meta, out_features, family.lora_component,
-                             family.pipeline_class())
+    FORMATS[fmt].fn("write")(path, layers, scale, dtype, meta, out_features, family)
 
 
 def metadata(*, base_model: str, revision: str | None, family: str, method: str, info: adapters.AdapterInfo,
@@ -249,11 +248,11 @@ def metadata(*, base_model: str, revision: str | None, family: str, method: str,
     }
 
 
-def check_formats(formats: list[str], targets: list[str]) -> None:
+def check_formats(formats: list[str], targets: list[str], family: str) -> None:
     """Refuse before training what a chosen format cannot hold."""
     for fmt in formats:
         f = FORMATS[fmt]
-        bad = f.fn("unmappable")(targets) if f.unmappable else []
+        bad = f.fn("unmappable")(targets, family) if f.unmappable else []
         if bad:
             others = [n for n in formats if n != fmt] or ["diffusers"]
             raise AdapterError(f"adapter targets {bad[:4]} have no counterpart in the {fmt} format's keys, so the "
@@ -265,7 +264,7 @@ def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, meta: dict, famil
                dtype: str, rank: int | None = None) -> tuple[list[Path], RankTruncation | None]:
     """The arm's files of the exact delta against the pristine base (rank 2r with an offset), or its
     best rank-``rank`` approximation (files named ...-r<rank>.safetensors)."""
-    check_formats(formats, info.targets)
+    check_formats(formats, info.targets, family.name)
     layers, meta, truncation = adapters.export_factors(model, info), dict(meta), None
     if rank is not None:
         current = next(iter(layers.values()))[0].shape[0]
@@ -286,7 +285,7 @@ def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, meta: dict, famil
         write(path, fmt, layers, info.scale, dtype, meta, out_features, family)
         paths.append(path)
         if dtype != "fp32":
-            errors[path] = cast_error(layers, info.scale, path, out_features)
+            errors[path] = cast_error(layers, info.scale, path, out_features, family.name)
     return paths, truncation, errors
 
 

@@ -2,13 +2,14 @@
 to recognise it and the functions that write and read it. Torch-free (the config, the CLI, the run folder
 and the web UI's download list read it); ``write``/``read`` are "module:function" loaded on use.
 
-- writer: ``fn(path, layers, scale, dtype, meta, out_features, lora_component, pipeline_class)`` with
-  layers {module: (A [r, in], B [out, r])} in fp32 and the delta ``scale * B A``;
-- reader: ``fn(state, metadata, out_features, targets_hint) -> {module: (A, B, s)}``;
+- writer: ``fn(path, layers, scale, dtype, meta, out_features, family)`` with layers {module: (A [r, in],
+  B [out, r])} in fp32, the delta ``scale * B A`` and ``family`` the family object (families/interface.py);
+- reader: ``fn(state, metadata, out_features, targets_hint, family_name) -> {module: (A, B, s)}``;
 - detect: ``fn(keys) -> bool`` (None: the format read when no other one recognises the file);
-- unmappable: ``fn(targets) -> targets the format cannot hold`` (None: it holds any Linear module);
-- drops: ``fn(targets) -> warning lines``: layers a known loader of the format silently skips, each line
-  naming the loader, the layers and the file to use there instead (None: no known loader drops any).
+- unmappable: ``fn(targets, family_name) -> targets the format cannot hold`` (None: it holds any Linear
+  module);
+- drops: ``fn(targets, family_name) -> warning lines``: layers a known loader of the format silently skips,
+  each line naming the loader, the layers and the file to use there instead (None: no known loader drops any).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-ALL = ("flux", "sd3", "sdxl", "sd15")
+from fluxlora.families import SPECS
+
+ALL = tuple(SPECS)
+KOHYA = tuple(name for name, spec in SPECS.items() if spec.kohya_keys)  # the families with a kohya key map
 
 
 @dataclass(frozen=True)
@@ -43,15 +47,17 @@ class Format:
 FORMATS = {f.name: f for f in (
     Format("diffusers", "adapter.safetensors", ALL, "fluxlora.export:write_diffusers", "fluxlora.lorafile:read_peft",
            None, None, "diffusers/peft keys, LoRA config in the metadata (load_lora_weights)"),
-    Format("comfyui", "adapter_comfyui.safetensors", ("flux",), "fluxlora.export:write_comfyui",
+    Format("comfyui", "adapter_comfyui.safetensors", KOHYA, "fluxlora.export:write_comfyui",
            "fluxlora.kohya:read", "fluxlora.kohya:is_kohya", "fluxlora.kohya:unmappable",
-           "kohya keys on the BFL modules with an .alpha each (ComfyUI, sd-scripts)", "fluxlora.kohya:loader_drops"),
+           "kohya keys on the original checkpoint's modules with an .alpha each (ComfyUI, sd-scripts)",
+           "fluxlora.kohya:loader_drops"),
 )}
 
 
-def loader_warnings(formats: list[str], targets: list[str]) -> list[str]:
+def loader_warnings(formats: list[str], targets: list[str], family: str) -> list[str]:
     """Every known loader's silent drop of some of ``targets`` from the chosen formats' files."""
-    return [line for name in formats if FORMATS[name].drops for line in FORMATS[name].fn("drops")(targets)]
+    return [line for name in formats if FORMATS[name].drops
+            for line in FORMATS[name].fn("drops")(targets, family)]
 
 
 def for_family(family: str) -> list[str]:

@@ -2,7 +2,7 @@
 diffusers/peft keys or kohya/ComfyUI keys; and the check that it fits the arm it should start.
 
 Every layer comes back as (A, B, s) with delta = s * B A on the diffusers module it adapts; fused BFL
-layers (qkv, linear1) are split exactly (kohya.from_kohya). The format is recognised through the format
+layers (FLUX's qkv and linear1, SD3's qkv) are split exactly (kohya.from_kohya). The format is recognised through the format
 table (formats.py)."""
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class LoraFile:
         return ranks[0] // 2 if self.offset else ranks[0]
 
 
-def read(path: str | Path, out_features: dict[str, int]) -> LoraFile:
-    """Load ``path`` against a model whose Linear modules (name -> output size) are ``out_features``."""
+def read(path: str | Path, out_features: dict[str, int], family: str) -> LoraFile:
+    """Load ``path`` against a ``family`` model whose Linear modules (name -> output size) are
+    ``out_features``."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -54,10 +55,10 @@ def read(path: str | Path, out_features: dict[str, int]) -> LoraFile:
     fmt = file_format(state)
     hint = set(ours["targets"]) if "targets" in ours else None
     try:
-        layers = fmt.fn("read")(state, metadata, out_features, hint)
+        layers = fmt.fn("read")(state, metadata, out_features, hint, family)
     except KeyError as e:
         raise AdapterError(f"adapter.init_from {path}: {e.args[0]} -> fix: use a LoRA file made for this "
-                           "FLUX model (transformer only)") from e
+                           f"{family} model (its denoiser only, no text encoder)") from e
     if not layers:
         raise AdapterError(f"adapter.init_from {path}: no LoRA tensors found (lora_A/lora_B or lora_down/lora_up)")
     return LoraFile(path, layers, bool(ours.get("offset", False)), ours)
@@ -80,7 +81,7 @@ def _peft_scale(metadata: dict) -> float | None:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def read_peft(state, metadata, out_features, hint=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def read_peft(state, metadata, out_features, hint, family) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """The diffusers format's reader: diffusers/peft keys '[transformer.]<module>.lora_A.weight'; the scale from the LoRA config in the
     metadata, else a '<module>.alpha' tensor, else 1 (as diffusers' loader reads such files)."""
     config_scale = _peft_scale(metadata)
@@ -90,11 +91,11 @@ def read_peft(state, metadata, out_features, hint=None) -> dict[str, tuple[torch
         if m is None:
             if key.endswith(".alpha"):
                 continue
-            raise KeyError(f"key {key!r} is neither a transformer LoRA factor nor an alpha")
+            raise KeyError(f"key {key!r} is neither a denoiser LoRA factor nor an alpha")
         modules.setdefault(m.group(1), {})[m.group(2)] = state[key].float()
     stray = [n for n in modules if n not in out_features or set(modules[n]) != {"A", "B"}]
     if stray:
-        raise KeyError(f"modules this FLUX transformer lacks, or without both factors: {stray[:4]}")
+        raise KeyError(f"modules this {family} model lacks, or without both factors: {stray[:4]}")
     out = {}
     for name, f in modules.items():
         alpha = next((state[k] for k in (f"{name}.alpha", f"transformer.{name}.alpha", f"unet.{name}.alpha")

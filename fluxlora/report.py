@@ -141,11 +141,11 @@ def _wall(state: dict) -> str:
     return "-" if s is None else f"{s / 60:.1f} min in the last invocation"
 
 
-def render(root: Path, state: dict, runs: list[ArmRun], plots: list[str]) -> str:
+def render(root: Path, state: dict, runs: list[ArmRun], best: dict[tuple, list[ArmRun]], metrics: list[str],
+           plots: list[str]) -> str:
+    """report.md's text: ``best`` from choose(), ``metrics`` the result columns."""
     r = state.get("sweep", {}).get("report", {})
     seeds, chosen, on = r.get("seeds"), r.get("choose"), r.get("by", "val_loss_subject")
-    metrics = result_metrics(runs, r.get("metrics"), on)
-    best = choose(runs, seeds, chosen, on)
     rule = f"`{chosen}` chosen per arm on the mean final `{on}` over seeds" if chosen else "no field chosen"
     out = [f"# Sweep {state.get('name', Path(root).name)}", "",
            f"Cells done: {state.get('done', 0)} / {state.get('total', '?')} (status {state.get('status', '?')}; "
@@ -166,10 +166,10 @@ def write(root: Path) -> Path:
     r = state.get("sweep", {}).get("report", {})
     on = r.get("by", "val_loss_subject")
     best = choose(runs, r.get("seeds"), r.get("choose"), on)
-    plots = report_plots.draw(root / "plots", runs, best, r.get("seeds"), r.get("choose"),
-                              [on, *result_metrics(runs, r.get("metrics"), on)])
+    metrics = result_metrics(runs, r.get("metrics"), on)
+    plots = report_plots.draw(root / "plots", runs, best, r.get("seeds"), r.get("choose"), [on, *metrics])
     path = root / REPORT
     tmp = path.with_name(f".{REPORT}.{os.getpid()}.tmp")
-    tmp.write_text(render(root, state, runs, plots), encoding="utf-8")
+    tmp.write_text(render(root, state, runs, best, metrics, plots), encoding="utf-8")
     os.replace(tmp, path)
     return path

@@ -24,6 +24,17 @@ from pathlib import Path
 
 from fluxlora.formats import FORMATS
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (owned by anyone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 

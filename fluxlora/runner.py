@@ -15,22 +15,12 @@ from fluxlora.distributed import make_accelerator, on_main
 from fluxlora.errors import USER_ERRORS, AdapterError, CheckpointError, RunError, TrainingStopped
 from fluxlora.formats import loader_warnings
 from fluxlora.prepare import prepare
-from fluxlora.rundir import GroupDir
+from fluxlora.rundir import GroupDir, pid_alive
 from fluxlora.signals import Preempted
 
 
 LOCK = ".lock"
 GUARD_STALE_S = 2.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _holder(lock: Path) -> int | None:
@@ -81,7 +71,7 @@ def _take_over(lock: Path, stale: int) -> bool:
 def lock_holder(root: Path) -> int | None:
     """The pid of the live process that holds the run folder's lock; None when none does."""
     pid = _holder(Path(root) / LOCK)
-    return pid if pid and _alive(pid) else None
+    return pid if pid and pid_alive(pid) else None
 
 
 def acquire_lock(root: Path, warn=print) -> Path:
@@ -96,7 +86,7 @@ def acquire_lock(root: Path, warn=print) -> Path:
             return lock
         if pid is None:  # released meanwhile: try again
             continue
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             raise RunError(f"another training (pid {pid}) is writing to {root} -> fix: wait for it, stop it, "
                            f"or use another name=")
         if _take_over(lock, pid):
@@ -218,7 +208,7 @@ def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[st
         for method in arms:  # a file or target problem stops the run before any arm trains
             acfg, arm = arm_config(cfg, method), group.arm(method)
             targets, _ = check_arm(prep, acfg, method)
-            for line in loader_warnings(acfg.export.formats, targets):
+            for line in loader_warnings(acfg.export.formats, targets, acfg.model.family):
                 if line not in said:  # the same targets in every arm: say it once
                     said.add(line)
                     warn(f"warning: {line}")

@@ -59,9 +59,12 @@ def _same_settings(group: GroupDir, cfg) -> bool:
     return stored == wanted
 
 
-def write_state(root: Path, sweep: SweepConfig, planned, started: float, times: list[float], status: str) -> int:
-    """sweep.json from what is on disk (other workers' cells count too); returns the cells done."""
+def write_state(root: Path, sweep: SweepConfig, planned, started: float, times: list[float],
+                status: str | None) -> int:
+    """sweep.json from what is on disk (other workers' cells count too); returns the cells done. Status None:
+    "done" when every cell is, else "incomplete"."""
     done = sum(cell_state(root / c.name, cfg) == "done" for c, cfg in planned)
+    status = status or ("done" if done == len(planned) else "incomplete")
     eta = (len(planned) - done) * sum(times) / len(times) if times else None
     write_json(root / STATE, {"name": sweep.name, "sweep": sweep.model_dump(mode="json"), "status": status,
                               "cells": [{"name": c.name, "values": c.values} for c, _ in planned],
@@ -132,13 +135,9 @@ def run_sweep(path: str | Path, warn=print) -> Path:
         raise
     finally:
         bar.close()
-    done = write_state(root, sweep, planned, started, times, "done" if _all_done(root, planned) else "incomplete")
+    write_state(root, sweep, planned, started, times, None)
     report.write(root)
     return root
-
-
-def _all_done(root: Path, planned) -> bool:
-    return all(cell_state(root / c.name, cfg) == "done" for c, cfg in planned)
 
 
 def dry_run(path: str | Path) -> int:

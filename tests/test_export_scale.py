@@ -31,7 +31,7 @@ def test_the_diffusers_file_is_exact_with_the_scale_forced_to_one(tmp_path, tiny
         config = meta["lora_config"]
         assert config["transformer.lora_alpha"] == config["transformer.r"]  # the config says scale 1
         raw = load_file(str(path))
-        trained = lorafile.read(str(arm.export_file("comfyui")), out_features).layers  # the other writer
+        trained = lorafile.read(str(arm.export_file("comfyui")), out_features, "flux").layers  # the other writer
         for name, (a, b, s) in trained.items():
             ignoring_alpha = raw[f"transformer.{name}.lora_B.weight"] @ raw[f"transformer.{name}.lora_A.weight"]
             torch.testing.assert_close(ignoring_alpha, s * b @ a, rtol=1e-5, atol=1e-6)
@@ -41,13 +41,13 @@ def test_layers_a_known_loader_drops_are_named_with_the_file_to_use():
     from fluxlora.formats import loader_warnings
 
     blocks = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"]
-    assert loader_warnings(["diffusers", "comfyui"], blocks) == []  # the presets stay inside the blocks
-    lines = loader_warnings(["diffusers", "comfyui"], blocks + ["proj_out", "x_embedder"])
+    assert loader_warnings(["diffusers", "comfyui"], blocks, "flux") == []  # the presets stay inside the blocks
+    lines = loader_warnings(["diffusers", "comfyui"], blocks + ["proj_out", "x_embedder"], "flux")
     assert len(lines) == 2
     assert "diffusers' kohya reader drops the 2 adapted layer(s) outside the blocks (proj_out, x_embedder)" in lines[0]
     assert "load adapter.safetensors instead" in lines[0]
     assert "sd-scripts' loader skips the final layer (proj_out)" in lines[1]
-    assert loader_warnings(["diffusers"], ["proj_out"]) == []  # the diffusers file loses nothing in diffusers
+    assert loader_warnings(["diffusers"], ["proj_out"], "flux") == []  # the diffusers file loses nothing in diffusers
 
 
 def test_a_run_targeting_the_final_layer_warns_before_training(tmp_path, tiny_flux, subject_dir):

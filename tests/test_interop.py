@@ -40,7 +40,7 @@ def test_fused_adapter_is_the_exact_stack_of_the_parts():
     adapted = [n for n in names if n != "transformer_blocks.0.attn.to_v"]
     layers = {n: factors(names[n], 6, 2, i) for i, n in enumerate(adapted)}
     scale = 0.37
-    state = kohya.to_kohya(layers, scale, names)
+    state = kohya.to_kohya(layers, scale, names, "flux")
     qkv, lin1 = "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"
     assert set(state) == {f"{k}.{s}" for k in (qkv, lin1) for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     for key, parts in ((qkv, ["to_q", "to_k", "to_v"]), (lin1, ["to_q", "to_k", "to_v", "proj_mlp"])):
@@ -52,7 +52,7 @@ def test_fused_adapter_is_the_exact_stack_of_the_parts():
         expected = torch.cat([layers[n][1] @ layers[n][0] if n in layers else torch.zeros(names[n], 6)
                               for n in full]) * scale
         torch.testing.assert_close(float(alpha) / down.shape[0] * up @ down, expected, rtol=1e-6, atol=1e-6)
-    back = kohya.from_kohya(state, names, hint=set(adapted))
+    back = kohya.from_kohya(state, names, "flux", hint=set(adapted))
     assert set(back) == set(adapted)
     for n in adapted:  # the block-diagonal structure splits back into the very same factors
         a, b, s = back[n]
@@ -61,22 +61,22 @@ def test_fused_adapter_is_the_exact_stack_of_the_parts():
 
 def test_final_layer_folds_its_scale_and_swaps_shift_and_scale():
     a, b = factors(8, 6, 2, 0)
-    state = kohya.to_kohya({"norm_out.linear": (a, b)}, 0.5, {"norm_out.linear": 8})
+    state = kohya.to_kohya({"norm_out.linear": (a, b)}, 0.5, {"norm_out.linear": 8}, "flux")
     key = "lora_unet_final_layer_adaLN_modulation_1"
     assert float(state[f"{key}.alpha"]) == 2.0  # alpha = rank: diffusers' reader ignores it here
     up = state[f"{key}.lora_up.weight"]
     torch.testing.assert_close(up, torch.cat([b[4:], b[:4]]) * 0.5)  # BFL: (shift, scale)
-    a2, b2, s2 = kohya.from_kohya(state, {"norm_out.linear": 8})["norm_out.linear"]
+    a2, b2, s2 = kohya.from_kohya(state, {"norm_out.linear": 8}, "flux")["norm_out.linear"]
     torch.testing.assert_close(s2 * b2 @ a2, 0.5 * b @ a)
 
 
 def test_targets_without_kohya_counterpart_are_refused_for_comfyui_only():
     assert kohya.unmappable(["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.norm_q",
-                             "single_transformer_blocks.3.proj_out", "pos_embed.proj"]) == [
+                             "single_transformer_blocks.3.proj_out", "pos_embed.proj"], "flux") == [
         "transformer_blocks.0.attn.norm_q", "pos_embed.proj"]
     with pytest.raises(adapters.AdapterError, match=r"pos_embed.proj.*export.formats=\[diffusers\]"):
-        export.check_formats(["diffusers", "comfyui"], ["x_embedder", "pos_embed.proj"])
-    export.check_formats(["diffusers"], ["pos_embed.proj"])
+        export.check_formats(["diffusers", "comfyui"], ["x_embedder", "pos_embed.proj"], "flux")
+    export.check_formats(["diffusers"], ["pos_embed.proj"], "flux")
 
 
 def test_truncate_rank_is_the_truncated_svd_with_its_error():
@@ -125,7 +125,7 @@ def test_foreign_kohya_file_starts_the_arm_at_its_delta(tiny_flux, tmp_path):
             merged.get_submodule(p).weight.data += d
     path = tmp_path / "foreign.safetensors"
     save_file(state, str(path))
-    lf = lorafile.read(path, out_features)
+    lf = lorafile.read(path, out_features, "flux")
     dotted = {"double_blocks_0_img_attn_qkv": "double_blocks.0.img_attn.qkv", "single_blocks_0_linear1":
               "single_blocks.0.linear1", "single_blocks_0_linear2": "single_blocks.0.linear2",
               "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}
@@ -134,7 +134,7 @@ def test_foreign_kohya_file_starts_the_arm_at_its_delta(tiny_flux, tmp_path):
         module, _, kind = key.partition(".")
         comfy[f"diffusion_model.{dotted[module.removeprefix('lora_unet_')]}.{kind}"] = value
     save_file(comfy, str(tmp_path / "comfy.safetensors"))
-    for name, (a, b, s) in lorafile.read(tmp_path / "comfy.safetensors", out_features).layers.items():
+    for name, (a, b, s) in lorafile.read(tmp_path / "comfy.safetensors", out_features, "flux").layers.items():
         assert torch.equal(a, lf.layers[name][0]) and torch.equal(b, lf.layers[name][1]) and s == lf.layers[name][2]
     targets = sorted(n for parts in fused.values() for n in parts)
     assert sorted(lf.layers) == targets and lf.rank == rank and not lf.offset

@@ -73,7 +73,7 @@ def test_every_linear_module_maps_through_diffusers_kohya_reader(tmp_path, wide_
 
     model = FLUX.load(str(wide_flux)).transformer
     out_features = adapters.linear_out_features(model)
-    assert not kohya.unmappable(list(out_features))
+    assert not kohya.unmappable(list(out_features), "flux")
     info = adapters.inject(model, "lora", 2, 0.7, sorted(out_features), skip_init=True)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_every_linear_module_maps_through_diffusers_kohya_reader(tmp_path, wide_
                       torch.randn(1, 32, generator=g))
     with torch.no_grad():
         ours = flux_predict(model, x, torch.tensor([0.6]), emb, pooled, flux.image_ids(4, 4), 3.5)
-        state = kohya.to_kohya(adapters.export_factors(model, info), info.scale, out_features)
+        state = kohya.to_kohya(adapters.export_factors(model, info), info.scale, out_features, "flux")
         adapters.remove(model, info)
         base = flux_predict(model, x, torch.tensor([0.6]), emb, pooled, flux.image_ids(4, 4), 3.5)
     path = tmp_path / "all.safetensors"

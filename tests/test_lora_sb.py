@@ -198,7 +198,7 @@ def test_export_files_hold_the_same_plain_rank_r_delta(tmp_path, tiny_flux, subj
     assert meta["offset"] is False and meta["export_rank"] == RANK and meta["alpha"] == RANK
     diffusers_state = load_file(str(arm.adapter_file))
     names = adapters.linear_out_features(FLUX.load(str(tiny_flux)).transformer)
-    back = kohya.from_kohya(load_file(str(arm.export_file("comfyui"))), names)
+    back = kohya.from_kohya(load_file(str(arm.export_file("comfyui"))), names, "flux")
     assert back
     for name, (a, b, s) in back.items():
         a_d = diffusers_state[f"transformer.{name}.lora_A.weight"]

@@ -97,11 +97,16 @@ def test_family_and_format_tables_match_their_implementations():
         assert isinstance(fam, Family) and fam.name == name
         assert set(fam.target_presets) == {"attn", "attn_context", "wide"}
         assert spec.objective in families.LOSS_WEIGHTINGS
+        if spec.kohya_keys:  # a written key map (kohya.KeyMap) for the family's ComfyUI file
+            from fluxlora import kohya
+
+            keys = kohya.keymap(name)
+            assert all(callable(getattr(keys, m)) for m in ("module", "swapped", "folded", "drops"))
     for fmt in formats.FORMATS.values():
         assert set(fmt.families) <= set(families.SPECS)
         for what in ("write", "read", "detect", "unmappable"):
             assert getattr(fmt, what) is None or callable(fmt.fn(what))
-    assert formats.for_family("flux") == ["diffusers", "comfyui"] and formats.for_family("sdxl") == ["diffusers"]
+    assert all(formats.for_family(name) == ["diffusers", "comfyui"] for name in families.SPECS)
 
 
 def test_cond_selects_expands_and_moves_as_the_trainer_expects():

@@ -57,12 +57,12 @@ class Handlers:
         steps = views.sample_steps(group) if group else []
         if not steps:
             slider = gr.update(minimum=0, maximum=1, step=1, value=0, interactive=False)
-            return slider, "", "no samples yet", gr.update(choices=[], value=None), *self.panels(name)
+            return slider, "", "no samples yet", gr.update(choices=[], value=None), *self.panels(group)
         stride = reduce(math.gcd, [b - a for a, b in zip(steps, steps[1:])], 0) or 1
         slider = gr.update(minimum=steps[0], maximum=steps[-1], step=stride, value=steps[-1], interactive=True)
         table, label = self._grid(group, steps, steps[-1])
         cells = grid.column_labels(group, steps[-1])
-        return slider, table, label, gr.update(choices=cells, value=cells[0] if cells else None), *self.panels(name)
+        return slider, table, label, gr.update(choices=cells, value=cells[0] if cells else None), *self.panels(group)
 
     def _grid(self, group, steps: list[int], wanted: float):
         step = views.nearest_step(steps, wanted)
@@ -103,7 +103,7 @@ class Handlers:
             stride = reduce(math.gcd, [b - a for a, b in zip(steps, steps[1:])], 0) or 1
             slider = gr.update(minimum=steps[0], maximum=steps[-1], step=stride, interactive=True,
                                **({"value": steps[-1]} if follow else {}))
-        return slider, *self.panels(name), sig
+        return slider, *self.panels(group), sig
 
     def seen(self, name: str | None) -> str:
         return views.signature(views.open_group(self.runs, name))
@@ -129,8 +129,8 @@ class Handlers:
         return gr.update(choices=names, value=value), views.sweep_report(self.runs, value, FILE_ROUTE)
 
     # --- curves, facts, downloads ----------------------------------------------------------------
-    def panels(self, name: str | None):
-        group = views.open_group(self.runs, name)
+    def panels(self, group):
+        """Curves, facts and downloads of the chosen group (None: nothing chosen)."""
         if group is None:
             empty = views.loss_curves_empty()
             return empty, views.facts_empty(), "no run selected"

@@ -12,20 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from fluxlora.rundir import GroupDir, read_json, write_json
+from fluxlora.rundir import GroupDir, pid_alive, read_json, write_json
 from webui.launch import UPLOADS, collapse_progress
 
 TABLE = "jobs.json"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_training_of(pid: int, config: str) -> bool:
@@ -35,7 +25,7 @@ def _is_training_of(pid: int, config: str) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, IndexError):
-        return _alive(pid)  # no /proc: trust the pid
+        return pid_alive(pid)  # no /proc: trust the pid
     if state in ("Z", "X"):
         return False
     args = cmdline.split(b"\0")
@@ -79,14 +69,14 @@ class Jobs:
         if proc is not None:
             return proc.poll() is None  # poll() also reaps a finished process
         job = self.table().get(name)
-        return bool(job) and _alive(job["pid"]) and _is_training_of(job["pid"], job["config"])
+        return bool(job) and pid_alive(job["pid"]) and _is_training_of(job["pid"], job["config"])
 
     def any_running(self) -> bool:
         """Whether a training launched from the UI still runs; reaps the finished ones (no zombies)."""
         return any([self.running(name) for name in self.table()])
 
     def state(self, name: str) -> str:
-        """running | done | interrupted | failed | queued, from the process and the run folder."""
+        """running | done | interrupted | failed, from the process and the run folder."""
         if self.running(name):
             return "running"
         status = GroupDir(self.runs / name).info().get("status")

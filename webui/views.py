@@ -59,9 +59,13 @@ def same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 def open_group(runs: Path, name: str | None) -> GroupDir | None:
     """The group called ``name`` inside ``runs``; None for anything that is not one of its groups
     (so a crafted name like ``../x`` can never select a folder outside the runs folder)."""
-    if not name:
+    parts = (name or "").split("/")
+    if not name or len(parts) > 2 or any(p in ("", ".", "..") or "\\" in p for p in parts):
         return None
-    return next((g for g in list_groups(runs) if group_label(runs, g) == name), None)
+    root = Path(runs).joinpath(*parts)
+    if not (root / "group.json").is_file() or (len(parts) == 2 and not (root.parent / SWEEP_STATE).is_file()):
+        return None
+    return GroupDir(root)
 
 
 def sample_steps(group: GroupDir) -> list[int]:

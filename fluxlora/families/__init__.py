@@ -14,13 +14,14 @@ class FamilySpec:
     quantizable: bool  # the denoiser's block Linear layers can be bitsandbytes int8 / nf4
     impl: str  # "module:attribute" of the object implementing families.interface.Family
     pixel_multiple: int  # image sides are multiples of this in the released models (VAE factor x patch)
+    kohya_keys: str | None = None  # "module:attribute" of its kohya / ComfyUI key map (kohya.KeyMap)
 
 
 SPECS = {
-    "flux": FamilySpec("flux", "flow", True, "fluxlora.families.flux:FAMILY", 16),
-    "sd3": FamilySpec("sd3", "flow", True, "fluxlora.families.sd3:FAMILY", 16),
-    "sdxl": FamilySpec("sdxl", "ddpm", False, "fluxlora.families.unet:SDXL", 8),
-    "sd15": FamilySpec("sd15", "ddpm", False, "fluxlora.families.unet:SD15", 8),
+    "flux": FamilySpec("flux", "flow", True, "fluxlora.families.flux:FAMILY", 16, "fluxlora.kohya_flux:KEYS"),
+    "sd3": FamilySpec("sd3", "flow", True, "fluxlora.families.sd3:FAMILY", 16, "fluxlora.kohya_sd3:KEYS"),
+    "sdxl": FamilySpec("sdxl", "ddpm", False, "fluxlora.families.unet:SDXL", 8, "fluxlora.kohya_unet:KEYS"),
+    "sd15": FamilySpec("sd15", "ddpm", False, "fluxlora.families.unet:SD15", 8, "fluxlora.kohya_unet:KEYS"),
 }
 LOSS_WEIGHTINGS = {"flow": ("none", "sigma_sqrt", "cosmap"), "ddpm": ("none", "min_snr")}
 
