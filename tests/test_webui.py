@@ -119,6 +119,16 @@ def test_one_cell_for_the_base_and_every_arm_with_the_difference(finished_group)
     assert not np.asarray(Image.open(io.BytesIO(base64.b64decode(first)))).any()
 
 
+def test_the_step_slider_clamps_a_value_from_before_a_range_change():
+    """Switching to a run with fewer steps shrinks the range while an event in flight still carries the old
+    step: clamped to the new range instead of Gradio's out-of-bounds error; drawn with Slider's widget."""
+    from webui.app import StepSlider
+
+    slider = StepSlider(0, 100, step=1, value=100)
+    assert slider.preprocess(400) == 100 and slider.preprocess(-3) == 0 and slider.preprocess(50) == 50
+    assert slider.get_block_name() == "slider"
+
+
 def test_smoothing_is_a_bias_corrected_moving_average():
     from webui.views import smooth
 

@@ -26,6 +26,19 @@ CSS = """
 REFRESH_SECONDS = 2.0
 
 
+class StepSlider(gr.Slider):
+    """The step slider: a value outside its range is clamped, not refused. Switching from a run with steps
+    up to 400 to one with 100 updates the range, while an event already on its way from the page (the live
+    poll, Play) still carries 400; Gradio's slider would refuse it with an error. Same page widget."""
+
+    is_template = True  # Gradio draws a template component with its parent's (Slider's) widget
+
+    def preprocess(self, payload: float) -> float:
+        if payload is not None:
+            payload = min(max(payload, self.minimum), self.maximum)
+        return super().preprocess(payload)
+
+
 def _browser(h: Handlers):
     with gr.Row():
         groups = views.groups_table(h.runs)
@@ -40,8 +53,8 @@ def _browser(h: Handlers):
 
 def _steps_tab():
     with gr.Row():
-        slider = gr.Slider(0, 1, step=1, value=0, label="Step (all rows move together)", elem_id="step-slider",
-                           scale=5)
+        slider = StepSlider(0, 1, step=1, value=0, label="Step (all rows move together)", elem_id="step-slider",
+                            scale=5)
         play = gr.Button("▶ Play", elem_id="play-btn", scale=1)
     caption = gr.Markdown(elem_id="grid-caption")
     table = gr.HTML(elem_id="step-grid")
