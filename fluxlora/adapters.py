@@ -22,7 +22,7 @@ from torch import nn
 
 from fluxlora import methods
 from fluxlora.errors import AdapterError, InitError
-from fluxlora.layers import OFFSET, SUBJECT, train_subject_factors
+from fluxlora.layers import OFFSET, SUBJECT, in_blocks, train_subject_factors
 
 
 @dataclass
@@ -56,7 +56,7 @@ def find_targets(model: nn.Module, suffixes: list[str], blocks_only: bool = Fals
     decompose 2-D weight matrices, and a conv layer is out of scope for every method. Of an explicit list
     (not ``blocks_only``) every suffix must match something."""
     def wanted(n: str) -> bool:
-        inside = not blocks_only or "blocks." in n
+        inside = not blocks_only or in_blocks(n)
         return inside and any(n == s or n.endswith("." + s) for s in suffixes)
 
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and wanted(n)]

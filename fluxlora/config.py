@@ -24,7 +24,7 @@ KNOWN_INITS = tuple(methods.METHODS)
 
 
 class ModelConfig(Section):
-    family: str = Field("flux", description="model family: flux, sd3, sdxl, sd15")
+    family: str = Field("flux", description=f"model family: {', '.join(SPECS)}")
     path: str = Field(description="'toy', a local diffusers pipeline directory, or a hub id")
     revision: str | None = Field(None, description="hub revision")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights / compute dtype")

@@ -10,6 +10,17 @@ import torch
 from torch import nn
 
 SUBJECT, OFFSET = "subject", "offset"  # the trained adapter and the frozen init term (offset methods)
+# The denoisers' repeated blocks by module-name prefix: FLUX.1 / FLUX.2 / SD3 (transformer_blocks,
+# single_transformer_blocks), Z-Image (layers and its noise / context refiner blocks). The presets and the
+# int8 / nf4 quantization stay inside them.
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.", "layers.", "noise_refiner.",
+                  "context_refiner.")
+
+
+def in_blocks(name: str) -> bool:
+    """Whether module ``name`` lies inside the denoiser's blocks (UNets: any ``*blocks.`` on the path, e.g.
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``)."""
+    return name.startswith(BLOCK_PREFIXES) or "blocks." in name
 
 
 class Factor(nn.Module):

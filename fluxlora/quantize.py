@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+from fluxlora.layers import BLOCK_PREFIXES
 
 
 def _quantized(layer: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:

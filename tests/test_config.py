@@ -197,7 +197,7 @@ def test_a_bare_no_for_mixed_precision_is_the_word_not_false(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["flux_subject", "sd3_subject", "sdxl_subject", "sd15_subject"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "train_configs").glob("*.yaml") if p.stem != "toy_subject"))
 def test_each_example_config_trains_a_step_on_its_familys_tiny_pipeline(name, tmp_path, tiny_flux, tiny_pipelines,
                                                                         subject_dir):
     """The example's own settings (objective, shift, guidance, validation, arms) with only the model, data,

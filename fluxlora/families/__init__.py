@@ -19,9 +19,11 @@ class FamilySpec:
 
 SPECS = {
     "flux": FamilySpec("flux", "flow", True, "fluxlora.families.flux:FAMILY", 16, "fluxlora.kohya_flux:KEYS"),
+    "flux2": FamilySpec("flux2", "flow", True, "fluxlora.families.flux2:FAMILY", 16, "fluxlora.kohya_flux2:KEYS"),
     "sd3": FamilySpec("sd3", "flow", True, "fluxlora.families.sd3:FAMILY", 16, "fluxlora.kohya_sd3:KEYS"),
     "sdxl": FamilySpec("sdxl", "ddpm", False, "fluxlora.families.unet:SDXL", 8, "fluxlora.kohya_unet:KEYS"),
     "sd15": FamilySpec("sd15", "ddpm", False, "fluxlora.families.unet:SD15", 8, "fluxlora.kohya_unet:KEYS"),
+    "z_image": FamilySpec("z_image", "flow", True, "fluxlora.families.z_image:FAMILY", 16, "fluxlora.kohya_z_image:KEYS"),
 }
 LOSS_WEIGHTINGS = {"flow": ("none", "sigma_sqrt", "cosmap"), "ddpm": ("none", "min_snr")}
 
