@@ -32,16 +32,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from fluxlora import lora_ga, lora_sb  # noqa: E402
+from fluxlora import lora_ga, lora_one, lora_sb  # noqa: E402
 from fluxlora.inits import INITS  # noqa: E402
 
 # lora_sb's per-layer math only (sign, randomized SVD with niter 10, factors) on a random "gradient";
 # its gradient pass over the data depends on the model and is timed by a training run (BENCHMARKS.md).
 FNS = {**INITS, "lora_sb": lambda W, rank, scale, generator=None: lora_sb.factors(W, rank, 1e-4, generator),
-       "lora_ga": lambda W, rank, scale, generator=None: lora_ga.factors(W, rank, generator)}
+       "lora_ga": lambda W, rank, scale, generator=None: lora_ga.factors(W, rank, generator),
+       "lora_one": lambda W, rank, scale, generator=None: lora_one.factors(W, rank, generator)}
 VAR = "W.var()"  # the reference row: one pass over the weight
 FNS[VAR] = lambda W, rank, scale, generator=None: torch.var(W)
-METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb", "lora_ga"]
+METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb", "lora_ga", "lora_one"]
 SLOW = {"pissa", "milora", "olora"}  # full SVD / QR: timed on --sample layers, then extrapolated
 WEIGHT_STD = 0.02  # realistic scale of a FLUX linear weight
 SCALE = 1.0  # s = alpha / r with alpha = r, as in the paper's FLUX run (docs/methods.md section 1.5)
@@ -199,7 +200,7 @@ def header(args: argparse.Namespace) -> str:
             "- one untimed warm-up call per method; wall time of the init call only; per-layer ms = median\n"
             "- peak extra MB: peak RSS growth (VmHWM) during one call, fresh process per (method, shape)\n"
             "- ratio vs loram: per-layer time / loram's per-layer time\n"
-            "- lora_sb / lora_ga: their per-layer math only (randomized SVD of a random n x m gradient; lora_sb "
+            "- lora_sb / lora_ga / lora_one: their per-layer math only (randomized SVD of a random n x m gradient; lora_sb "
             "takes its sign first); their gradient pass over the data is not in this number")
 
 

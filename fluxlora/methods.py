@@ -5,7 +5,7 @@ name, so a new method touches only its own module and one row here. Math: docs/m
 - ``needs``: what the init reads. WEIGHTS: the layer's weight only (``fn(W, rank, scale, generator=,
   niter=) -> inits.InitResult``, one layer at a time). GRADIENTS: the training loss's gradient wrt every
   target weight over the first ``adapter.sb_batches`` micro-batches, taken on the pristine base before the
-  adapter exists (``fn(model, grads, rank, scale, first_lr, seed) -> per-layer stats``; lora_sb, lora_ga).
+  adapter exists (``fn(model, grads, rank, scale, first_lr, seed) -> per-layer stats``; lora_sb, lora_ga, lora_one).
 - ``start``: what the init's product B0 A0 is. ZERO: B0 A0 = 0, a plain LoRA, step 0 is the base. OFFSET:
   B0 A0 != 0, cancelled by a frozen second adapter (docs/methods.md section 6), step 0 is the base, the
   export carries both halves (rank 2r). WHOLE: the init is part of the trained delta by design (step 0 is
@@ -74,6 +74,7 @@ METHODS = {m.name: m for m in (
     Method("lora_sb", GRADIENTS, WHOLE, CORE, "fluxlora.lora_sb:initialize", fixed_scale=1.0,
            check="fluxlora.lora_sb:check_data"),
     Method("lora_ga", GRADIENTS, OFFSET, PAIR, "fluxlora.lora_ga:initialize"),
+    Method("lora_one", GRADIENTS, WHOLE, LORA, "fluxlora.lora_one:initialize"),
 )}
 
 

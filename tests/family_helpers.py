@@ -18,3 +18,12 @@ def generate_one(family, pipe, prompt: str, max_len: int, *, seed: int = 0, reso
     cond = family.encode_prompts(pipe, [prompt], max_len)
     neg = family.encode_prompts(pipe, [negative], max_len) if negative is not None else None
     return family.generate(pipe, cond, neg, [seed], resolution, steps, guidance, true_cfg)[0]
+
+
+def other_base_start_inits(tested: list[str]) -> list[str]:
+    """Every registered init not in ``tested`` whose step 0 is the base (methods.py start zero / offset): the
+    ones that start after an init step (LoRA-SB, LoRA-One, start "whole") have their own tests."""
+    from fluxlora import methods
+
+    return [m for m in methods.METHODS if m not in tested and methods.get(m).start != methods.WHOLE]
+

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from family_helpers import FLUX, generate_one
+from family_helpers import FLUX, generate_one, other_base_start_inits
 from conftest import assert_resume_matches_uninterrupted, tiny_config
 from fluxlora import families
 from fluxlora.rundir import GroupDir
@@ -170,9 +170,7 @@ def test_conv_targets_are_refused_and_presets_stay_inside_the_blocks(tiny_pipeli
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_every_other_init_method_trains_on_every_family(name, tiny_pipelines, subject_dir, tmp_path):
     """The remaining registered inits: 2 steps each, step 0 equal to the base, a readable export."""
-    from fluxlora.config import KNOWN_INITS
-
-    others = [m for m in KNOWN_INITS if m not in METHODS and m != "lora_sb"]  # LoRA-SB: its own tests
+    others = other_base_start_inits(METHODS)
     path = tiny_pipelines(name)
     cfg = tiny_config(tmp_path, path, subject_dir, model={"family": name, "path": str(path),
                                                            "max_sequence_length": MAX_LEN[name]},

@@ -112,9 +112,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_flux2, subject_dir, tmp_pat
 
 
 def test_every_other_init_method_trains(tiny_flux2, subject_dir, tmp_path):
-    from fluxlora.config import KNOWN_INITS
+    from family_helpers import other_base_start_inits
 
-    others = [m for m in KNOWN_INITS if m not in METHODS and m != "lora_sb"]  # LoRA-SB: its own tests
+    others = other_base_start_inits(METHODS)
     cfg = flux2_config(tmp_path, tiny_flux2, subject_dir, adapter={"init": others, "rank": 4},
                        train={"steps": 2, "lr": 1.0e-2})
     results = run(cfg, warn=lambda m: None)

@@ -132,9 +132,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_z, subject_dir, tmp_path):
 
 
 def test_every_other_init_method_trains(tiny_z, subject_dir, tmp_path):
-    from fluxlora.config import KNOWN_INITS
+    from family_helpers import other_base_start_inits
 
-    others = [m for m in KNOWN_INITS if m not in METHODS and m != "lora_sb"]
+    others = other_base_start_inits(METHODS)
     cfg = z_config(tmp_path, tiny_z, subject_dir, adapter={"init": others}, train={"steps": 2, "lr": 1.0e-2},
                    sample={"steps": 1})
     results = run(cfg, warn=lambda m: None)
