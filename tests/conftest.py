@@ -82,12 +82,13 @@ def tiny_pipelines(tmp_path_factory, tiny_sd3):
     """family -> a tiny pipeline directory of that family (the others built on first use)."""
     from fluxlora.toy.tiny import build_tiny_unet_pipeline
     from fluxlora.toy.tiny_flux2 import build_tiny_flux2
+    from fluxlora.toy.tiny_qwen_image import build_tiny_qwen_image
     from fluxlora.toy.tiny_z_image import build_tiny_z_image
 
     built = {"sd3": tiny_sd3}
     builders = {"sdxl": lambda out: build_tiny_unet_pipeline(out, xl=True),
                 "sd15": lambda out: build_tiny_unet_pipeline(out, xl=False),
-                "flux2": build_tiny_flux2, "z_image": build_tiny_z_image}
+                "flux2": build_tiny_flux2, "z_image": build_tiny_z_image, "qwen_image": build_tiny_qwen_image}
 
     def get(family: str):
         if family not in built:

@@ -24,6 +24,7 @@ SPECS = {
     "sdxl": FamilySpec("sdxl", "ddpm", False, "fluxlora.families.unet:SDXL", 8, "fluxlora.kohya_unet:KEYS"),
     "sd15": FamilySpec("sd15", "ddpm", False, "fluxlora.families.unet:SD15", 8, "fluxlora.kohya_unet:KEYS"),
     "z_image": FamilySpec("z_image", "flow", True, "fluxlora.families.z_image:FAMILY", 16, "fluxlora.kohya_z_image:KEYS"),
+    "qwen_image": FamilySpec("qwen_image", "flow", True, "fluxlora.families.qwen_image:FAMILY", 16, "fluxlora.kohya_qwen_image:KEYS"),
 }
 LOSS_WEIGHTINGS = {"flow": ("none", "sigma_sqrt", "cosmap"), "ddpm": ("none", "min_snr")}
 
