@@ -27,3 +27,18 @@ def other_base_start_inits(tested: list[str]) -> list[str]:
 
     return [m for m in methods.METHODS if m not in tested and methods.get(m).start != methods.WHOLE]
 
+
+def assert_generate_tab_reproduces_the_samples(group, prompt: str, steps: int, last: int) -> None:
+    """The web UI's generator (bench.AdapterBench: one loaded base, the arms' exported adapters switched in)
+    gives the base image of step 0 and each arm's image of step ``last``, within 1/255."""
+    import numpy as np
+    from PIL import Image
+
+    from fluxlora.bench import AdapterBench
+
+    for label, img in AdapterBench(group.root).side_by_side(prompt, 0, steps):
+        arm = group.arms()[0] if label == "base" else group.arm(label)
+        step = "step-000000" if label == "base" else f"step-{last:06d}"
+        sample = np.asarray(Image.open(arm.samples_dir / step / "00.png")).astype(int)
+        assert np.abs(np.asarray(img).astype(int) - sample).max() <= 1, label
+

@@ -222,3 +222,10 @@ def test_name_table_is_the_one_diffusers_converts(tiny_flux2):
     assert loader_warnings(["comfyui"], [n for n in out_features if n.startswith("transformer_blocks.")], "flux2") == []
     (line,) = loader_warnings(["comfyui"], ["single_stream_modulation.linear", "proj_out"], "flux2")
     assert "single_stream_modulation.linear" in line and "proj_out" not in line
+
+
+def test_the_web_uis_generator_reproduces_the_samples(flux2_run):
+    from family_helpers import assert_generate_tab_reproduces_the_samples
+
+    assert_generate_tab_reproduces_the_samples(flux2_run, PROMPT, 2, 3)
+

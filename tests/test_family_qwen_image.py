@@ -269,3 +269,10 @@ def test_int8_base_quantizes_the_blocks_and_keeps_the_prediction(tiny_q):
     with torch.no_grad():
         a, b = Q.predict(pipe.transformer, x, t, cond), Q.predict(q.transformer, x, t, cond)
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_the_web_uis_generator_reproduces_the_samples(q_run):
+    from family_helpers import assert_generate_tab_reproduces_the_samples
+
+    assert_generate_tab_reproduces_the_samples(q_run[1], PROMPT, 2, 3)
+

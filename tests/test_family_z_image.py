@@ -221,3 +221,10 @@ def test_int8_base_quantizes_the_blocks_and_keeps_the_prediction(tiny_z):
     with torch.no_grad():
         a, b = Z.predict(pipe.transformer, x, t, cond), Z.predict(q.transformer, x, t, cond)
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_the_web_uis_generator_reproduces_the_samples(z_run):
+    from family_helpers import assert_generate_tab_reproduces_the_samples
+
+    assert_generate_tab_reproduces_the_samples(z_run[1], PROMPT, 2, 3)
+
