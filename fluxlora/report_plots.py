@@ -24,9 +24,14 @@ def _pyplot():
     return plt
 
 
+def _order(panel: tuple) -> tuple:
+    """Numbers by value (rank 4 before rank 16), anything else by its text."""
+    return tuple((k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in panel)
+
+
 def _panels(keys) -> list[tuple]:
     """The remaining settings (without the arm), one panel each, in a stable order."""
-    return sorted({k[1:] for k in keys}, key=str)
+    return sorted({k[1:] for k in keys}, key=_order)
 
 
 def _title(panel: tuple) -> str:

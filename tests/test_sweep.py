@@ -213,3 +213,10 @@ def test_the_command_line_lists_the_cells(tmp_path, tiny_flux, subject_dir):
     out = subprocess.run([sys.executable, "-m", "fluxlora.cli", "sweep", path, "--report"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "holds no sweep yet" in out.stderr
+
+
+def test_plot_panels_order_numbers_by_value():
+    from fluxlora.report_plots import _panels
+
+    keys = [("lora", ("adapter.rank", 16)), ("lora", ("adapter.rank", 4)), ("pissa", ("adapter.rank", 4))]
+    assert _panels(keys) == [(("adapter.rank", 4),), (("adapter.rank", 16),)]
