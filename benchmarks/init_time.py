@@ -13,6 +13,8 @@ matrix per layer, no new allocation; the RNG is outside the timed region). Each 
 untimed warm-up call on a 256x256 matrix first (one-time library set-up is not counted). Per-layer time
 is the median over the timed layers (>= 5 unless --sample is lower), at each --threads count in turn;
 the reference row `W.var()` is one torch.var pass over the same weights (LoRAM's floor: it must read W).
+eva reads no weight: its random n x m buffer stands for n input rows of the layer's m features (an m x m
+activation statistic, the shape the activation pass holds per target), decomposed exactly (eigh).
 Memory (Linux): peak process RSS (VmHWM, reset just before the call) minus the RSS just before it,
 for one call in a fresh spawned process per (method, shape) that holds only that layer's weight --
 what the OS saw (torch tensors plus LAPACK workspaces), not a count of tensor bytes.
@@ -32,18 +34,28 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from fluxlora import lora_ga, lora_one, lora_sb  # noqa: E402
+from fluxlora import activations, eva, lora_ga, lora_one, lora_sb  # noqa: E402
 from fluxlora.inits import INITS  # noqa: E402
+
+
+def eva_layer(W: torch.Tensor, rank: int, scale: float, generator=None):
+    """eva's per-layer math: the n x m buffer taken as n input rows of the layer's m features, folded into
+    the (m x m) moments as the activation pass's hook does, then the exact eigendecomposition."""
+    stat = activations.Moments.empty(W.shape[1])
+    stat.add(W)
+    return eva.factors(stat, rank, W.shape[0])
+
 
 # lora_sb's per-layer math only (sign, randomized SVD with niter 10, factors) on a random "gradient";
 # its gradient pass over the data depends on the model and is timed by a training run (BENCHMARKS.md).
 FNS = {**INITS, "lora_sb": lambda W, rank, scale, generator=None: lora_sb.factors(W, rank, 1e-4, generator),
        "lora_ga": lambda W, rank, scale, generator=None: lora_ga.factors(W, rank, generator),
-       "lora_one": lambda W, rank, scale, generator=None: lora_one.factors(W, rank, generator)}
+       "lora_one": lambda W, rank, scale, generator=None: lora_one.factors(W, rank, generator),
+       "eva": eva_layer}
 VAR = "W.var()"  # the reference row: one pass over the weight
 FNS[VAR] = lambda W, rank, scale, generator=None: torch.var(W)
-METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb", "lora_ga", "lora_one"]
-SLOW = {"pissa", "milora", "olora"}  # full SVD / QR: timed on --sample layers, then extrapolated
+METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb", "lora_ga", "lora_one", "eva"]
+SLOW = {"pissa", "milora", "olora", "eva"}  # full SVD / QR / eigh: timed on --sample layers, then extrapolated
 WEIGHT_STD = 0.02  # realistic scale of a FLUX linear weight
 SCALE = 1.0  # s = alpha / r with alpha = r, as in the paper's FLUX run (docs/methods.md section 1.5)
 TARGET_FAST, TARGET_FULL = 20.0, 500.0  # loram vs pissa_fast / vs pissa, per-layer speed-up
@@ -201,7 +213,10 @@ def header(args: argparse.Namespace) -> str:
             "- peak extra MB: peak RSS growth (VmHWM) during one call, fresh process per (method, shape)\n"
             "- ratio vs loram: per-layer time / loram's per-layer time\n"
             "- lora_sb / lora_ga / lora_one: their per-layer math only (randomized SVD of a random n x m gradient; lora_sb "
-            "takes its sign first); their gradient pass over the data is not in this number")
+            "takes its sign first); their gradient pass over the data is not in this number\n"
+            "- eva: its per-layer math only: the random n x m buffer as n input rows folded into the m x m moments "
+            "(one hook call), then the exact eigendecomposition of the m x m statistic; the activation pass's "
+            "forwards are not in this number")
 
 
 def main(argv=None) -> int:

@@ -100,11 +100,29 @@ def lora_config(rank: int, scale: float, targets: list[str], dropout: float):
 
 @dataclass
 class InitInputs:
-    """What a data-driven init may read besides the weights (methods.py ``needs``): the gradient pass,
-    called on the pristine base before the adapter exists, and the first non-zero learning rate."""
+    """What a data-driven init may read besides the weights (methods.py ``needs``): the gradient pass and the
+    activation pass, each called on the pristine base before the adapter exists, and the first non-zero
+    learning rate."""
 
     gradients: Callable[[], dict[str, torch.Tensor]] | None = None
     first_lr: float = 1.0
+    activations: Callable[[], dict] | None = None  # {name: activations.Moments}
+
+
+_PASSES = {methods.GRADIENTS: ("gradients", "the training data's loss gradient", "gradient pass"),
+           methods.ACTIVATIONS: ("activations", "the training data's layer inputs", "activation pass")}
+
+
+def _data_pass(m: methods.Method, inputs: InitInputs | None):
+    """Run the pass the method's init reads (methods.py ``needs``), or None for a weight-reading init."""
+    if m.needs not in _PASSES:
+        return None
+    field_name, what, which = _PASSES[m.needs]
+    run = getattr(inputs, field_name) if inputs is not None else None
+    if run is None:
+        raise AdapterError(f"{m.name} initializes from {what}, and no {which} was given -> fix: "
+                           "train it through the trainer (fluxlora train)")
+    return run()  # on the pristine base: before any adapter layer exists
 
 
 def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list[str], *,
@@ -116,21 +134,16 @@ def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list
     kind = m.layer_kind()
     scale = m.fixed_scale if m.fixed_scale is not None else scale
     info = AdapterInfo(method, rank, scale, targets, has_offset=m.start == methods.OFFSET)
-    grads = None
-    if m.needs == methods.GRADIENTS and not skip_init:
-        if inputs is None or inputs.gradients is None:
-            raise AdapterError(f"{method} initializes from the training data's loss gradient, and no gradient "
-                               "pass was given -> fix: train it through the trainer (fluxlora train)")
-        t0 = time.perf_counter()
-        grads = inputs.gradients()  # on the pristine base: before any adapter layer exists
-        info.init_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data = None if skip_init else _data_pass(m, inputs)  # a gradient or activation pass, or None
+    info.init_seconds = time.perf_counter() - t0 if data is not None else 0.0
     kind.attach(model, targets, rank, scale, dropout, info.has_offset)
     if not skip_init:
         t0 = time.perf_counter()
         try:
             info.layers = (_init_from_weights(model, m, rank, scale, targets, seed, niter, info.has_offset)
-                           if grads is None else
-                           m.init_fn()(model, grads, rank, scale, (inputs or InitInputs()).first_lr, seed))
+                           if data is None else
+                           m.init_fn()(model, data, rank, scale, (inputs or InitInputs()).first_lr, seed))
         except (InitError, AdapterError) as e:
             kind.detach(model, targets)  # leave the pristine base behind for the next arm
             raise AdapterError(str(e)) from e

@@ -124,8 +124,9 @@ class AdapterConfig(Section):
     alpha_coefficient: Float = Field(16.0, gt=0, description="C of the lora_alpha rule: s = C/sqrt(r)")
     lr_ratio_b: Float = Field(1.0, gt=0, description="LoRA+ ratio of B's learning rate")
     pissa_niter: int = Field(4, ge=0, description="subspace iterations of pissa_fast")
-    sb_batches: int = Field(3, ge=1, description="lora_sb, lora_ga, lora_one: micro-batches of train.batch_size whose loss "
-                            "gradient the init reads (lora_sb: each subject image at most once)")
+    sb_batches: int = Field(3, ge=1, description="lora_sb, lora_ga, lora_one, eva: micro-batches of train.batch_size "
+                            "whose loss gradient (eva: layer inputs) the init reads (lora_sb: each subject image at "
+                            "most once)")
     init_from: str | None = Field(None, description="continue from this LoRA .safetensors (ours, diffusers or "
                                   "kohya/ComfyUI keys); its rank and modules must match the arm's")
     overrides: dict[str, ArmOverride] = Field(default_factory=dict,

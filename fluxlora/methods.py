@@ -6,6 +6,9 @@ name, so a new method touches only its own module and one row here. Math: docs/m
   niter=) -> inits.InitResult``, one layer at a time). GRADIENTS: the training loss's gradient wrt every
   target weight over the first ``adapter.sb_batches`` micro-batches, taken on the pristine base before the
   adapter exists (``fn(model, grads, rank, scale, first_lr, seed) -> per-layer stats``; lora_sb, lora_ga, lora_one).
+  ACTIVATIONS: the inputs of every target layer over the same micro-batches, forward only, on the pristine
+  base before the adapter exists, as per-layer ``activations.Moments`` (mean and centred second moment),
+  dispatched as GRADIENTS is (``fn(model, moments, rank, scale, first_lr, seed) -> per-layer stats``; eva).
 - ``start``: what the init's product B0 A0 is. ZERO: B0 A0 = 0, a plain LoRA, step 0 is the base. OFFSET:
   B0 A0 != 0, cancelled by a frozen second adapter (docs/methods.md section 6), step 0 is the base, the
   export carries both halves (rank 2r). WHOLE: the init is part of the trained delta by design (step 0 is
@@ -23,7 +26,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-WEIGHTS, GRADIENTS = "weights", "gradients"
+WEIGHTS, GRADIENTS, ACTIVATIONS = "weights", "gradients", "activations"
 ZERO, OFFSET, WHOLE = "zero", "offset", "whole"
 LORA, PAIR, CORE = "lora", "pair", "core"
 LAYER_KINDS = {LORA: "fluxlora.adapters:PeftLayers", PAIR: "fluxlora.offset_layers:OffsetLayers",
@@ -75,6 +78,7 @@ METHODS = {m.name: m for m in (
            check="fluxlora.lora_sb:check_data"),
     Method("lora_ga", GRADIENTS, OFFSET, PAIR, "fluxlora.lora_ga:initialize"),
     Method("lora_one", GRADIENTS, WHOLE, LORA, "fluxlora.lora_one:initialize"),
+    Method("eva", ACTIVATIONS, ZERO, LORA, "fluxlora.eva:initialize"),
 )}
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import adapters, buckets, captions, checkpoint, distributed, gradients, masks, sampling, signals, validation
+from fluxlora import (activations, adapters, buckets, captions, checkpoint, distributed, gradients, masks, sampling,
+                      signals, validation)
 from fluxlora.errors import CheckpointError, TrainingStopped, write_errors
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
@@ -185,6 +186,27 @@ def gradient_pass(prep: Prepared, t, targets: list[str], batches: int, prior_wei
             dist.all_reduce(g)
             g /= prep.num_processes
     return grads
+
+
+def activation_pass(prep: Prepared, t, targets: list[str], batches: int, prior_weight: float) -> dict:
+    """The activation pass of the data-driven inits (methods.py, needs ACTIVATIONS): the moments of every
+    target layer's input rows over the first ``batches`` micro-batches, the ones gradient_pass uses (same
+    make_batch / loss_step and generator seeding: the same images, noise and sigmas). Forward only, no
+    graph, in eval mode as peft's EVA runs its pass (FLUX and the other denoisers have no dropout, so the
+    mode changes nothing there). Data-parallel: each process's rows, then the exact moments of all rows."""
+    model = prep.model
+    gen, was_training = torch.Generator().manual_seed(t.seed), model.training
+    model.eval()
+    try:
+        with torch.no_grad(), activations.layer_inputs(model, targets) as stats:
+            for micro in range(batches):
+                batch = make_batch(prep, micro, t.batch_size, t.seed, gen)
+                loss_step(prep, model, batch, gen, t, prior_weight)
+    finally:
+        model.train(was_training)
+    if prep.num_processes > 1:
+        activations.combine(stats)
+    return stats
 
 
 def _start(prep, t, s, arm, info, resume_from, log, lr_ratio_b: float, resolution: int):

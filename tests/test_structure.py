@@ -74,8 +74,8 @@ def test_method_table_matches_its_implementations():
     weights = {n for n, m in methods.METHODS.items() if m.needs == methods.WEIGHTS}
     assert weights == set(inits.INITS)  # the weight-reading registry is exactly the table's rows
     for name, m in methods.METHODS.items():
-        assert m.needs in (methods.WEIGHTS, methods.GRADIENTS) and m.start in (methods.ZERO, methods.OFFSET,
-                                                                                 methods.WHOLE)
+        assert m.needs in (methods.WEIGHTS, methods.GRADIENTS, methods.ACTIVATIONS)
+        assert m.start in (methods.ZERO, methods.OFFSET, methods.WHOLE)
         assert callable(m.init_fn()) and m.layer_kind() is not None
         assert m.check is None or callable(m.check_fn())
         if m.needs == methods.WEIGHTS:
