@@ -52,6 +52,21 @@ def keymap(family: str) -> KeyMap:
     return getattr(importlib.import_module(module), attr)
 
 
+def table_module(name: str, blocks: tuple, top: dict[str, str]) -> tuple[str, tuple[str, ...]] | None:
+    """A key map's ``module`` from its tables: ``blocks`` = ((diffusers block prefix, {module inside the block:
+    original module}, original block name), ...), tried in order; ``top`` = {module outside the blocks:
+    original module}. Modules of a block that map to one original module are its fused parts, in the table's
+    order (their output rows). -> (key, parts), or None when the original checkpoint has no such module."""
+    for head, table, original in blocks:
+        if name.startswith(head):
+            index, _, inner = name[len(head):].partition(".")
+            if not index.isdigit() or inner not in table:
+                return None
+            parts = tuple(f"{head}{index}.{k}" for k, v in table.items() if v == table[inner])
+            return f"{original}_{index}_{table[inner]}", parts
+    return (top[name], (name,)) if name in top else None
+
+
 def unmappable(names: list[str], family: str) -> list[str]:
     keys = keymap(family)
     return [n for n in names if keys.module(n) is None]

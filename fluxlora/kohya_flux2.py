@@ -11,6 +11,8 @@ read, diffusers 0.42; the final ``adaLN_modulation.1`` holds (shift, scale) wher
 
 from __future__ import annotations
 
+from fluxlora.kohya import table_module
+
 # diffusers module inside transformer_blocks.{i} -> BFL module inside double_blocks_{i}; parts of one fused
 # BFL module in the order of its output rows.
 DOUBLE = {
@@ -42,17 +44,8 @@ BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 def bfl_module(name: str) -> tuple[str, tuple[str, ...]] | None:
     """diffusers module name -> (BFL module key, the diffusers modules fused in it, in row order);
     None when the module has no BFL counterpart."""
-    for head, table, bfl in (("single_transformer_blocks.", SINGLE, "single_blocks"),
-                             ("transformer_blocks.", DOUBLE, "double_blocks")):
-        if name.startswith(head):
-            index, _, inner = name[len(head):].partition(".")
-            if not index.isdigit() or inner not in table:
-                return None
-            parts = tuple(f"{head}{index}.{k}" for k, v in table.items() if v == table[inner])
-            return f"{bfl}_{index}_{table[inner]}", parts
-    if name in TOP:
-        return TOP[name], (name,)
-    return None
+    return table_module(name, (("single_transformer_blocks.", SINGLE, "single_blocks"),
+                               ("transformer_blocks.", DOUBLE, "double_blocks")), TOP)
 
 
 def loader_drops(names: list[str]) -> list[str]:

@@ -11,6 +11,8 @@ context stream's in the last joint block, which has no context output (``context
 
 from __future__ import annotations
 
+from fluxlora.kohya import table_module
+
 # diffusers module inside transformer_blocks.{i} -> MMDiT module inside joint_blocks.{i}; parts of one fused
 # module in the order of its output rows.
 JOINT = {
@@ -39,15 +41,7 @@ CONTEXT_NORM = "_context_block_adaLN_modulation_1"
 
 def mmdit_module(name: str) -> tuple[str, tuple[str, ...]] | None:
     """diffusers module -> (MMDiT key, the diffusers modules fused in it, in row order), or None."""
-    if name.startswith(HEAD):
-        index, _, inner = name[len(HEAD):].partition(".")
-        if not index.isdigit() or inner not in JOINT:
-            return None
-        parts = tuple(f"{HEAD}{index}.{k}" for k, v in JOINT.items() if v == JOINT[inner])
-        return f"joint_blocks_{index}_{JOINT[inner]}", parts
-    if name in TOP:
-        return TOP[name], (name,)
-    return None
+    return table_module(name, ((HEAD, JOINT, "joint_blocks"),), TOP)
 
 
 class SD3Keys:

@@ -16,6 +16,8 @@ diffusers' names there): ``drops`` says so.
 
 from __future__ import annotations
 
+from fluxlora.kohya import table_module
+
 BLOCKS = ("layers.", "noise_refiner.", "context_refiner.")
 INNER = {  # diffusers module inside a block -> original module; parts of one fused module in row order
     "attention.to_q": "attention_qkv", "attention.to_k": "attention_qkv", "attention.to_v": "attention_qkv",
@@ -35,16 +37,7 @@ MISREAD = ("all_x_embedder.", "all_final_layer.")  # diffusers' kohya reader los
 
 def original_module(name: str) -> tuple[str, tuple[str, ...]] | None:
     """diffusers module -> (original key, the diffusers modules fused in it, in row order), or None."""
-    for head in BLOCKS:
-        if name.startswith(head):
-            index, _, inner = name[len(head):].partition(".")
-            if not index.isdigit() or inner not in INNER:
-                return None
-            parts = tuple(f"{head}{index}.{k}" for k, v in INNER.items() if v == INNER[inner])
-            return f"{head[:-1]}_{index}_{INNER[inner]}", parts
-    if name in TOP:
-        return TOP[name], (name,)
-    return None
+    return table_module(name, tuple((head, INNER, head[:-1]) for head in BLOCKS), TOP)
 
 
 class ZImageKeys:
