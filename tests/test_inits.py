@@ -237,7 +237,9 @@ def test_lora_gaussian_std_is_one_over_rank():
     res = init_factors("lora_gaussian", W, 4, 1.0, generator=torch.Generator().manual_seed(2))
     assert float(res.A0.std()) == pytest.approx(1 / 4, rel=0.03)
     assert not res.B0.any()
-    assert {m.name for m in methods.METHODS.values() if m.start == methods.ZERO} == {"lora", "lora_gaussian"}
+    zero_from_weights = {m.name for m in methods.METHODS.values()
+                         if m.start == methods.ZERO and m.needs == methods.WEIGHTS}
+    assert zero_from_weights == {"lora", "lora_gaussian"}  # (eva's B0 is zero too; its A0 reads activations)
 
 
 # ---------------------------------------------------------------- errors and registry
