@@ -54,6 +54,12 @@ class Moments:
         return self.m2 / max(self.count - 1, 1)
 
 
+def stat_bytes(layer: nn.Module) -> int:
+    """Bytes of one target's Moments: fp32 (m, m) and fp64 (m,)."""
+    m = layer.in_features
+    return 4 * m * m + 8 * m
+
+
 def _capture(stat: Moments):
     """Forward pre-hook adding the layer's input rows (every token of the call) to ``stat``."""
     def hook(module, args):

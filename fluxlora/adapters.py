@@ -100,26 +100,21 @@ def lora_config(rank: int, scale: float, targets: list[str], dropout: float):
 
 @dataclass
 class InitInputs:
-    """What a data-driven init may read besides the weights (methods.py ``needs``): the gradient pass and the
-    activation pass, each called on the pristine base before the adapter exists, and the first non-zero
-    learning rate."""
+    """What a data-driven init may read besides the weights (methods.py ``needs``): one callable per pass kind
+    ({methods.GRADIENTS: ..., methods.ACTIVATIONS: ...}), each called on the pristine base before the adapter
+    exists, and the first non-zero learning rate."""
 
-    gradients: Callable[[], dict[str, torch.Tensor]] | None = None
+    passes: dict[str, Callable[[], object]] = field(default_factory=dict)
     first_lr: float = 1.0
-    activations: Callable[[], dict] | None = None  # {name: activations.Moments}
-
-
-_PASSES = {methods.GRADIENTS: ("gradients", "the training data's loss gradient", "gradient pass"),
-           methods.ACTIVATIONS: ("activations", "the training data's layer inputs", "activation pass")}
 
 
 def _data_pass(m: methods.Method, inputs: InitInputs | None):
     """Run the pass the method's init reads (methods.py ``needs``), or None for a weight-reading init."""
-    if m.needs not in _PASSES:
+    if m.needs == methods.WEIGHTS:
         return None
-    field_name, what, which = _PASSES[m.needs]
-    run = getattr(inputs, field_name) if inputs is not None else None
+    run = (inputs.passes if inputs is not None else {}).get(m.needs)
     if run is None:
+        what, which = methods.PASSES[m.needs]
         raise AdapterError(f"{m.name} initializes from {what}, and no {which} was given -> fix: "
                            "train it through the trainer (fluxlora train)")
     return run()  # on the pristine base: before any adapter layer exists

@@ -4,7 +4,6 @@ arm before any trains, then `train_arm` for each; the base is pristine again aft
 
 from __future__ import annotations
 
-import functools
 import time
 
 from fluxlora import adapters, buckets, checkpoint, export, lorafile, methods, train
@@ -64,11 +63,9 @@ def storage_bytes(prep: Prepared, cfg, method: str, targets: list[str]) -> int:
 def _inject(prep: Prepared, cfg, method: str, targets: list[str], start_file, resume_from) -> adapters.AdapterInfo:
     t, a, model = cfg.train, cfg.adapter, prep.model
     scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
-    passes = (prep, t, targets, a.sb_batches, cfg.data.prior_loss_weight)
     inputs = adapters.InitInputs(
-        gradients=functools.partial(train.gradient_pass, *passes),
-        first_lr=t.lr / max(1, t.warmup_steps),  # the LR of the first non-zero update (docs/methods.md 7.5)
-        activations=functools.partial(train.activation_pass, *passes))
+        train.init_passes(prep, cfg, method, targets),
+        first_lr=t.lr / max(1, t.warmup_steps))  # the LR of the first non-zero update (docs/methods.md 7.5)
     info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed, niter=a.pissa_niter,
                            skip_init=resume_from is not None or start_file is not None, inputs=inputs)
     if start_file is not None and resume_from is None:

@@ -127,6 +127,9 @@ class AdapterConfig(Section):
     sb_batches: int = Field(3, ge=1, description="lora_sb, lora_ga, lora_one, eva: micro-batches of train.batch_size "
                             "whose loss gradient (eva: layer inputs) the init reads (lora_sb: each subject image at "
                             "most once)")
+    init_pass_gb: Float = Field(2.0, gt=0, description="data-driven inits (lora_sb, lora_ga, lora_one, eva): the "
+                                "most GiB of pass statistics (n x m gradients, m x m input covariances) held at "
+                                "once; the pass runs once per chunk of targets that fits")
     init_from: str | None = Field(None, description="continue from this LoRA .safetensors (ours, diffusers or "
                                   "kohya/ComfyUI keys); its rank and modules must match the arm's")
     overrides: dict[str, ArmOverride] = Field(default_factory=dict,

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from fluxlora import inits
 from fluxlora.activations import Moments
-from fluxlora.layers import SUBJECT
 
 METHOD = "eva"
 
@@ -70,19 +69,8 @@ def factors(stat: Moments, rank: int, n: int, whiten: bool = False) -> tuple[Ten
     return A0.contiguous(), B0, stats
 
 
-@torch.no_grad()
-def initialize(model: nn.Module, moments: dict[str, Moments], rank: int, scale: float, lr1: float,
-               seed: int) -> dict[str, dict]:
-    """The method's init (methods.py, needs ACTIVATIONS, starts ZERO): fill the attached LoRA layers with
-    (A0, 0), one layer at a time, each layer's moments freed as soon as it is done. ``scale``, ``lr1`` and
-    ``seed`` do not enter the init (the eigendecomposition is exact and deterministic)."""
-    stats = {}
-    for name in list(moments):
-        layer, stat = model.get_submodule(name), moments.pop(name)
-        a, b = layer.lora_A[SUBJECT].weight, layer.lora_B[SUBJECT].weight
-        try:
-            A0, B0, stats[name] = factors(stat, rank, b.shape[0])
-        except inits.InitError as e:
-            raise inits.InitError(f"{name} ({b.shape[0]}x{a.shape[1]}): {e}") from e
-        a.copy_(A0.to(a)), b.copy_(B0.to(b))
-    return stats
+def layer_init(layer: nn.Module, stat: Moments, rank: int, lr1: float, gen: torch.Generator):
+    """One layer's init (initpass.py): ((A0, 0), stats) from the moments of its inputs. ``lr1`` and ``gen``
+    do not enter the init (the eigendecomposition is exact and deterministic)."""
+    A0, B0, stats = factors(stat, rank, layer.out_features)
+    return (A0, B0), stats

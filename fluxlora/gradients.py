@@ -31,6 +31,11 @@ def _capture(acc: Tensor):
     return hook
 
 
+def stat_bytes(layer: nn.Module) -> int:
+    """Bytes of one target's accumulator: fp32 (n, m)."""
+    return 4 * layer.out_features * layer.in_features
+
+
 @contextlib.contextmanager
 def weight_gradients(model: nn.Module, targets: list[str]):
     """Inside the block, each backward adds dL/dW of every target layer into the yielded dict

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from fluxlora import inits
-from fluxlora.layers import OFFSET, SUBJECT
 
 METHOD = "lora_ga"
 GAMMA = 16.0
@@ -63,22 +62,8 @@ def factors(G: Tensor, rank: int, generator: torch.Generator | None = None,
     return A0, B0, stats
 
 
-@torch.no_grad()
-def initialize(model: nn.Module, grads: dict[str, Tensor], rank: int, scale: float, lr1: float,
-               seed: int) -> dict[str, dict]:
-    """The method's init (methods.py, needs GRADIENTS, starts OFFSET): fill the attached pair layers' trained
-    factors with (A0, B0) and their frozen offset with (A0, -B0), one layer at a time, each gradient freed
-    as soon as its layer is done. ``scale`` and ``lr1`` do not enter the init."""
-    gen = torch.Generator("cpu").manual_seed(seed)
-    stats = {}
-    for name in list(grads):
-        layer, G = model.get_submodule(name), grads.pop(name)
-        try:
-            A0, B0, stats[name] = factors(G, rank, gen)
-        except inits.InitError as e:
-            raise inits.InitError(f"{name} ({G.shape[0]}x{G.shape[1]}): {e}") from e
-        a, b = layer.lora_A[SUBJECT].weight, layer.lora_B[SUBJECT].weight
-        a.copy_(A0.to(a)), b.copy_(B0.to(b))
-        layer.lora_A[OFFSET].weight.copy_(A0.to(a))
-        layer.lora_B[OFFSET].weight.copy_(-B0.to(b))
-    return stats
+def layer_init(layer: nn.Module, G: Tensor, rank: int, lr1: float, gen: torch.Generator):
+    """One layer's init (initpass.py): ((A0, B0), stats) from its gradient; the pair layer's trained factors
+    start at (A0, B0) and its frozen offset holds (A0, -B0). ``lr1`` does not enter the init."""
+    A0, B0, stats = factors(G, rank, gen)
+    return (A0, B0), stats

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from fluxlora import inits
-from fluxlora.layers import SUBJECT
 
 METHOD = "lora_one"
 GAMMA = 16.0
@@ -52,19 +51,7 @@ def factors(G: Tensor, rank: int, generator: torch.Generator | None = None,
     return A0, B0, stats
 
 
-@torch.no_grad()
-def initialize(model: nn.Module, grads: dict[str, Tensor], rank: int, scale: float, lr1: float,
-               seed: int) -> dict[str, dict]:
-    """The method's init (methods.py, needs GRADIENTS, starts WHOLE): fill the attached LoRA layers with
-    (A0, B0), one layer at a time, each gradient freed as soon as its layer is done."""
-    gen = torch.Generator("cpu").manual_seed(seed)
-    stats = {}
-    for name in list(grads):
-        layer, G = model.get_submodule(name), grads.pop(name)
-        try:
-            A0, B0, stats[name] = factors(G, rank, gen)
-        except inits.InitError as e:
-            raise inits.InitError(f"{name} ({G.shape[0]}x{G.shape[1]}): {e}") from e
-        a, b = layer.lora_A[SUBJECT].weight, layer.lora_B[SUBJECT].weight
-        a.copy_(A0.to(a)), b.copy_(B0.to(b))
-    return stats
+def layer_init(layer: nn.Module, G: Tensor, rank: int, lr1: float, gen: torch.Generator):
+    """One layer's init (initpass.py): ((A0, B0), stats) from its gradient, trained from there (WHOLE)."""
+    A0, B0, stats = factors(G, rank, gen)
+    return (A0, B0), stats

@@ -123,7 +123,7 @@ def check_data(images: int, batches: int, batch_size: int, init_from, repeats: i
 def factors(G: Tensor, rank: int, lr1: float, generator: torch.Generator | None = None,
             niter: int = SVD_NITER) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
     """(A (r, m), B (n, r), R (r, r), stats) with s B R A = trunc_r(-lr1 sign(G)), from a randomized
-    truncated SVD (q = inits.lowrank_q(r, n, m) columns, ``niter`` subspace iterations). G is consumed."""
+    truncated SVD (q = inits.lowrank_q(r, n, m) columns, ``niter`` subspace iterations). G is not changed."""
     if G.ndim != 2:
         raise inits.InitError(f"{METHOD}: the gradient must be 2-D (got {tuple(G.shape)})")
     n, m = G.shape
@@ -133,7 +133,7 @@ def factors(G: Tensor, rank: int, lr1: float, generator: torch.Generator | None 
                               "or leave this layer out of the targets")
     if not (math.isfinite(lr1) and lr1 > 0):
         raise inits.InitError(f"{METHOD}: the first-step learning rate must be > 0 (got {lr1!r})")
-    dW = G.float().sign_().mul_(-lr1)  # paper Eq. (6): the first AdamW update
+    dW = torch.sign(G.float()).mul_(-lr1)  # paper Eq. (6): the first AdamW update (G itself is kept)
     nonzero = int(torch.count_nonzero(dW))
     if nonzero == 0:
         raise inits.InitError(f"{METHOD}: the loss gradient of this layer's weight is zero on every estimation "
@@ -149,23 +149,18 @@ def factors(G: Tensor, rank: int, lr1: float, generator: torch.Generator | None 
     return A, B, R, stats
 
 
+def layer_init(layer: nn.Module, G: Tensor, rank: int, lr1: float, gen: torch.Generator):
+    """One layer's init (initpass.py): ((A, B, R), stats) from its accumulated gradient; ``lr1`` is the
+    first non-zero learning rate (the scale is SCALE, the table's fixed_scale)."""
+    A, B, R, stats = factors(G, rank, lr1, gen)
+    return (A, B, R), stats
+
+
 @torch.no_grad()
-def initialize(model: nn.Module, grads: dict[str, Tensor], rank: int, scale: float, lr1: float,
-               seed: int) -> dict[str, dict]:
-    """The method's init (methods.py, needs GRADIENTS): fill the attached SBLinear layers from the
-    accumulated gradients, one layer at a time, each accumulator freed as soon as its layer is done.
-    ``scale`` is SCALE (the table's fixed_scale); lr1 is the first non-zero learning rate."""
-    gen = torch.Generator("cpu").manual_seed(seed)
-    stats = {}
-    for name in list(grads):
-        layer, G = model.get_submodule(name), grads.pop(name)
-        try:
-            A, B, R, stats[name] = factors(G, rank, lr1, gen)
-        except inits.InitError as e:
-            raise inits.InitError(f"{name} ({G.shape[0]}x{G.shape[1]}): {e}") from e
-        for holder, value in ((layer.lora_A, A), (layer.lora_B, B), (layer.lora_R, R)):
-            holder[NAME].weight.copy_(value)
-    return stats
+def write_core(layer: SBLinear, A: Tensor, B: Tensor, R: Tensor) -> None:
+    """Copy the init into an attached SBLinear: frozen A, B and the trainable core R."""
+    for holder, value in ((layer.lora_A, A), (layer.lora_B, B), (layer.lora_R, R)):
+        holder[NAME].weight.copy_(value)
 
 
 def export_factors(layer: SBLinear) -> tuple[Tensor, Tensor]:

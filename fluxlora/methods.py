@@ -3,12 +3,13 @@ the names and capabilities); the trainer and the adapter code dispatch on these 
 name, so a new method touches only its own module and one row here. Math: docs/methods.md.
 
 - ``needs``: what the init reads. WEIGHTS: the layer's weight only (``fn(W, rank, scale, generator=,
-  niter=) -> inits.InitResult``, one layer at a time). GRADIENTS: the training loss's gradient wrt every
-  target weight over the first ``adapter.sb_batches`` micro-batches, taken on the pristine base before the
-  adapter exists (``fn(model, grads, rank, scale, first_lr, seed) -> per-layer stats``; lora_sb, lora_ga, lora_one).
-  ACTIVATIONS: the inputs of every target layer over the same micro-batches, forward only, on the pristine
-  base before the adapter exists, as per-layer ``activations.Moments`` (mean and centred second moment),
-  dispatched as GRADIENTS is (``fn(model, moments, rank, scale, first_lr, seed) -> per-layer stats``; eva).
+  niter=) -> inits.InitResult``, one layer at a time). The data-driven kinds read a per-layer statistic of a
+  pass over the first ``adapter.sb_batches`` training micro-batches, on the pristine base before the adapter
+  exists, run by initpass.py in memory-bounded chunks and shared by the run's arms of the same kind; the
+  method's ``layer_init(layer, stat, rank, lr1, gen) -> (tensors, stats)`` turns one layer's statistic into
+  its factors and ``initpass.write`` copies them in once the layers exist. GRADIENTS: the training loss's
+  gradient wrt the target weight (lora_sb, lora_ga, lora_one). ACTIVATIONS: the layer's inputs, forward only,
+  as ``activations.Moments`` (mean and centred second moment; eva).
 - ``start``: what the init's product B0 A0 is. ZERO: B0 A0 = 0, a plain LoRA, step 0 is the base. OFFSET:
   B0 A0 != 0, cancelled by a frozen second adapter (docs/methods.md section 6), step 0 is the base, the
   export carries both halves (rank 2r). WHOLE: the init is part of the trained delta by design (step 0 is
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 WEIGHTS, GRADIENTS, ACTIVATIONS = "weights", "gradients", "activations"
 ZERO, OFFSET, WHOLE = "zero", "offset", "whole"
 LORA, PAIR, CORE = "lora", "pair", "core"
+# What each data pass reads, and its name (for messages): the passes themselves are train.init_passes.
+PASSES = {GRADIENTS: ("the training data's loss gradient", "gradient pass"),
+          ACTIVATIONS: ("the training data's layer inputs", "activation pass")}
 LAYER_KINDS = {LORA: "fluxlora.adapters:PeftLayers", PAIR: "fluxlora.offset_layers:OffsetLayers",
                CORE: "fluxlora.lora_sb:CoreLayers"}
 
@@ -39,7 +43,8 @@ class Method:
     needs: str
     start: str
     layer: str
-    impl: str  # "module:function" of the init
+    impl: str  # "module:function" of the init (a data-driven init: initpass:write, the writer of layer_fn's factors)
+    layer_fn: str | None = None  # data-driven inits: "module:function" of one layer's factors (initpass.py)
     fixed_scale: float | None = None
     check: str | None = None  # "module:function" of its data check
     min_rank: int = 1
@@ -47,6 +52,9 @@ class Method:
 
     def init_fn(self):
         return _load(self.impl)
+
+    def layer_init_fn(self):
+        return _load(self.layer_fn)
 
     def check_fn(self):
         return _load(self.check) if self.check else None
@@ -65,6 +73,11 @@ def _weight(name: str, start: str, **kw) -> Method:
     return Method(name, WEIGHTS, start, PAIR if start == OFFSET else LORA, f"fluxlora.inits:{name}", **kw)
 
 
+def _data(name: str, needs: str, start: str, layer: str, **kw) -> Method:
+    """A data-driven init: its module ``fluxlora.<name>`` has ``layer_init`` (initpass.py's per-layer step)."""
+    return Method(name, needs, start, layer, "fluxlora.initpass:write", layer_fn=f"fluxlora.{name}:layer_init", **kw)
+
+
 METHODS = {m.name: m for m in (
     _weight("lora", ZERO),
     _weight("lora_gaussian", ZERO),
@@ -74,11 +87,10 @@ METHODS = {m.name: m for m in (
             "factors would be zero (a dead adapter)"),
     _weight("olora", OFFSET),
     _weight("milora", OFFSET),
-    Method("lora_sb", GRADIENTS, WHOLE, CORE, "fluxlora.lora_sb:initialize", fixed_scale=1.0,
-           check="fluxlora.lora_sb:check_data"),
-    Method("lora_ga", GRADIENTS, OFFSET, PAIR, "fluxlora.lora_ga:initialize"),
-    Method("lora_one", GRADIENTS, WHOLE, LORA, "fluxlora.lora_one:initialize"),
-    Method("eva", ACTIVATIONS, ZERO, LORA, "fluxlora.eva:initialize"),
+    _data("lora_sb", GRADIENTS, WHOLE, CORE, fixed_scale=1.0, check="fluxlora.lora_sb:check_data"),
+    _data("lora_ga", GRADIENTS, OFFSET, PAIR),
+    _data("lora_one", GRADIENTS, WHOLE, LORA),
+    _data("eva", ACTIVATIONS, ZERO, LORA),
 )}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fluxlora import buckets, captions, data, families, masks, metrics, modelpath, validation
+from fluxlora import buckets, captions, data, families, initpass, masks, metrics, modelpath, validation
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import on_device
 
@@ -63,6 +63,7 @@ class Prepared:
     num_processes: int = 1  # number of data-parallel processes
     validation: object = None  # validation.ValidationSet, or None when data.validation asks for nothing
     subject_metrics: object = None  # subject_metrics.SubjectMetrics with metrics.subject, on the main process
+    init_cache: initpass.Shared = field(default_factory=initpass.Shared)  # data-driven inits shared by the arms
 
     @property
     def main(self) -> bool:

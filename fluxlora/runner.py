@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fluxlora import preflight, validation
+from fluxlora import checkpoint, initpass, methods, preflight, validation
 from fluxlora.arms import check_arm, storage_bytes, train_arm
 from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.distributed import make_accelerator, on_main
@@ -223,6 +223,7 @@ def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[st
 def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, owner=True) -> list[dict]:
     arms = arms or cfg.adapter.arms
     prep = _prepared_and_checked(cfg, group, warn, accelerator, arms)
+    prep.init_cache.pending = _fresh_inits(prep, cfg, group, arms)
     results = []
     for method in arms:
         arm = group.arm(method)
@@ -251,6 +252,19 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, 
     if prep.main and owner:
         group.write_info(status=group_status(results))
     return results
+
+
+def _fresh_inits(prep, cfg, group: GroupDir, arms: list[str]) -> list:
+    """The data-driven inits the run will compute (arms that start from their init, not from a checkpoint or
+    adapter.init_from): the first arm of a pass kind computes them all in one pass (initpass.Shared)."""
+    out = []
+    for method in arms:
+        acfg = arm_config(cfg, method)
+        if (methods.get(method).needs == methods.WEIGHTS or acfg.adapter.init_from
+                or checkpoint.find(group.arm(method), acfg.train.resume) is not None):
+            continue
+        out.append(initpass.request(acfg, method, check_arm(prep, acfg, method)[0]))
+    return out
 
 
 def _mark_failed(arm, message: str, main: bool, warn) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import (activations, adapters, buckets, captions, checkpoint, distributed, gradients, masks, sampling,
-                      signals, validation)
+from fluxlora import (activations, adapters, buckets, captions, checkpoint, distributed, gradients, initpass, masks,
+                      methods, sampling, signals, validation)
 from fluxlora.errors import CheckpointError, TrainingStopped, write_errors
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
@@ -207,6 +207,33 @@ def activation_pass(prep: Prepared, t, targets: list[str], batches: int, prior_w
     if prep.num_processes > 1:
         activations.combine(stats)
     return stats
+
+
+def stat_passes(prep: Prepared, t, batches: int, prior_weight: float) -> dict[str, initpass.Pass]:
+    """The data passes by methods.py ``needs`` kind, each run on a list of targets (initpass.py)."""
+    def bound(fn):
+        return lambda targets: fn(prep, t, targets, batches, prior_weight)
+    return {methods.GRADIENTS: initpass.Pass(bound(gradient_pass), gradients.stat_bytes),
+            methods.ACTIVATIONS: initpass.Pass(bound(activation_pass), activations.stat_bytes)}
+
+
+def init_passes(prep: Prepared, cfg, method: str, targets: list[str]) -> dict:
+    """adapters.InitInputs' passes for the arm (``cfg``: its arm config): the method's factors from its data
+    pass, run in memory-bounded chunks and shared with the run's other arms of the same pass (initpass.py)."""
+    m = methods.get(method)
+    if m.needs == methods.WEIGHTS:
+        return {}
+    t, a = cfg.train, cfg.adapter
+    stat_pass = stat_passes(prep, t, a.sb_batches, cfg.data.prior_loss_weight)[m.needs]
+    budget = int(a.init_pass_gb * initpass.GIB)
+
+    def run():
+        data = prep.init_cache.factors(prep.model, initpass.request(cfg, method, targets), m.needs, stat_pass,
+                                       targets, t.seed, budget)
+        if prep.main:
+            print(initpass.describe(method, data, len(targets), budget))
+        return data
+    return {m.needs: run}
 
 
 def _start(prep, t, s, arm, info, resume_from, log, lr_ratio_b: float, resolution: int):

@@ -196,7 +196,7 @@ def test_init_from_the_trainers_activation_pass_keeps_step_0_at_the_base(tmp_pat
         torch.testing.assert_close(stats[name].m2.double(), xc.T @ xc, atol=1e-4 * float((xc.T @ xc).abs().max()),
                                    rtol=0)
     info = adapters.inject(model, "eva", RANK, 0.5, targets, seed=t.seed,
-                           inputs=adapters.InitInputs(first_lr=t.lr, activations=passes))
+                           inputs=adapters.InitInputs(train.init_passes(prep, cfg, "eva", targets), t.lr))
     assert not info.has_offset and info.init_seconds > 0 and weights_hash(model) == before
     torch.testing.assert_close(outputs(model), base_out, rtol=0, atol=0)  # B0 = 0: exactly the base
     for name in targets:

@@ -4,7 +4,6 @@ comes from the trainer's gradient pass, step 0 is the base, the base is untouche
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -89,10 +88,8 @@ def test_init_from_the_trainers_gradient_keeps_step_0_at_the_base(tmp_path, tiny
     ref = reference_gradients(prep, cfg, targets)  # plain autograd over the same batches
     before, base_out = weights_hash(model), outputs(model)
     t = cfg.train
-    passes = functools.partial(train.gradient_pass, prep, t, targets, cfg.adapter.sb_batches,
-                               cfg.data.prior_loss_weight)
     info = adapters.inject(model, "lora_ga", RANK, 0.5, targets, seed=t.seed,
-                           inputs=adapters.InitInputs(passes, t.lr))
+                           inputs=adapters.InitInputs(train.init_passes(prep, cfg, "lora_ga", targets), t.lr))
     assert info.has_offset and info.init_seconds > 0 and weights_hash(model) == before
     torch.testing.assert_close(outputs(model), base_out, rtol=0, atol=1e-6)  # the offset cancels s B0 A0
     for name in targets:

@@ -5,7 +5,6 @@ base weights stay untouched, the export is a plain rank-r LoRA and resume is exa
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -51,9 +50,8 @@ def test_step_0_is_the_base_with_the_init_step_merged(tmp_path, tiny_flux, subje
     targets = adapters.find_targets(model, FLUX.target_presets["attn"])
     ref = reference_gradients(prep, cfg, targets)  # plain autograd over the same batches
     before, base_out = weights_hash(model), outputs(model)
-    passes = functools.partial(train.gradient_pass, prep, t, targets, cfg.adapter.sb_batches,
-                               cfg.data.prior_loss_weight)
-    info = adapters.inject(model, "lora_one", RANK, 0.5, targets, seed=t.seed, inputs=adapters.InitInputs(passes, t.lr))
+    info = adapters.inject(model, "lora_one", RANK, 0.5, targets, seed=t.seed,
+                           inputs=adapters.InitInputs(train.init_passes(prep, cfg, "lora_one", targets), t.lr))
     assert not info.has_offset and weights_hash(model) == before
     step0, deltas = outputs(model), {}
     for name in targets:

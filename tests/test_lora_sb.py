@@ -3,7 +3,6 @@ of the approximated first AdamW step, only R trains, the base is never touched, 
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ def inject_sb(prep, cfg):
     model = prep.model
     targets = adapters.find_targets(model, FLUX.target_presets["attn"])
     t = cfg.train
-    inputs = adapters.InitInputs(functools.partial(sb_gradients, prep, cfg, targets), t.lr / max(1, t.warmup_steps))
+    inputs = adapters.InitInputs(train.init_passes(prep, cfg, "lora_sb", targets), t.lr / max(1, t.warmup_steps))
     info = adapters.inject(model, "lora_sb", RANK, 0.5, targets, seed=t.seed, inputs=inputs)
     return model, targets, info
 
