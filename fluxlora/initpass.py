@@ -20,6 +20,7 @@ consumed layer after layer in target order, and ``layer_init`` never changes the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -70,6 +71,9 @@ class Factors:
     stats: dict[str, dict]
     chunks: int = 1
     peak_bytes: int = 0
+    pass_seconds: float = 0.0  # the pass itself, shared by every arm in ``shared_with``
+    math_seconds: float = 0.0  # this arm's per-layer factors
+    shared_with: tuple = ()
 
 
 def chunks(model: nn.Module, targets: list[str], nbytes: Callable[[nn.Module], int], budget: int) -> list[list[str]]:
@@ -95,20 +99,26 @@ def compute(model: nn.Module, requests: list[Request], stat_pass: Pass, targets:
     fns = {r.method: methods.get(r.method).layer_init_fn() for r in requests}
     parts = chunks(model, targets, stat_pass.nbytes, budget)
     peak = max(sum(stat_pass.nbytes(model.get_submodule(n)) for n in part) for part in parts)
+    pass_seconds = 0.0
     for part in parts:
+        t0 = time.perf_counter()
         stats = stat_pass.run(part)
+        pass_seconds += time.perf_counter() - t0
         for name in part:
             layer, stat = model.get_submodule(name), stats.pop(name)
             for r in requests:
+                t0 = time.perf_counter()
                 try:
                     out[r.method].tensors[name], out[r.method].stats[name] = fns[r.method](
                         layer, stat, r.rank, r.lr1, gens[r.method])
                 except InitError as e:
                     raise InitError(f"{name} ({layer.out_features}x{layer.in_features}): {e}") from e
+                out[r.method].math_seconds += time.perf_counter() - t0
             del stat
         del stats
     for f in out.values():
-        f.chunks, f.peak_bytes = len(parts), peak
+        f.chunks, f.peak_bytes, f.pass_seconds = len(parts), peak, pass_seconds
+        f.shared_with = tuple(r.method for r in requests)
     return out
 
 
@@ -164,5 +174,7 @@ _WRITERS = {methods.LORA: _write_lora, methods.PAIR: _write_pair, methods.CORE: 
 def describe(method: str, data: Factors, targets: int, budget: int) -> str:
     """One line for the log: how the pass ran and what it held at most."""
     which = methods.PASSES[methods.get(method).needs][1]
+    shared = f", shared by {', '.join(data.shared_with)}" if len(data.shared_with) > 1 else ""
     return (f"{method}: {which} over {targets} targets in {data.chunks} chunk(s), at most "
-            f"{data.peak_bytes / GIB:.2f} GiB of statistics at once (adapter.init_pass_gb = {budget / GIB:g})")
+            f"{data.peak_bytes / GIB:.2f} GiB of statistics at once (adapter.init_pass_gb = {budget / GIB:g}); "
+            f"pass {data.pass_seconds:.2f} s{shared}; factors {data.math_seconds:.2f} s")

@@ -109,4 +109,5 @@ def test_a_run_with_three_gradient_arms_runs_the_pass_once(tmp_path, tiny_flux, 
     assert all("error" not in r for r in results), results
     assert len(calls) == 1  # lora_ga computed lora_one's factors too; eva reads the activation pass
     out = capsys.readouterr().out
-    assert "lora_ga: gradient pass over" in out and "1 chunk(s)" in out and "eva: activation pass over" in out
+    assert "lora_ga: gradient pass over" in out and "shared by lora_ga, lora_one" in out
+    assert "1 chunk(s)" in out and "eva: activation pass over" in out
