@@ -312,6 +312,18 @@ class RunConfig(Section):
                              f"use export.formats={allowed}")
         return self
 
+    @model_validator(mode="after")
+    def _prior_data(self):
+        """An init that calibrates on the prior-preservation images (methods.py PRIOR_ACTIVATIONS: corda_kpm,
+        docs/methods.md section 12) needs them: class images from data.class_dir or generated ones."""
+        arms = [n for n in self.adapter.arms if methods.METHODS[n].needs == methods.PRIOR_ACTIVATIONS]
+        d = self.data
+        if arms and not (d.class_prompt and (d.class_dir or d.num_class_images)):
+            raise ValueError(f"adapter.init {', '.join(arms)} calibrates on the prior-preservation (class) images, "
+                             "and this config has no prior preservation -> set data.class_dir (a folder of class "
+                             "images) and data.class_prompt, or data.num_class_images and data.class_prompt (to "
+                             "generate them), or drop it from adapter.init")
+        return self
 
 # ----- loading and reporting ------------------------------------------------------------------------
 

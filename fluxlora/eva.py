@@ -69,8 +69,8 @@ def factors(stat: Moments, rank: int, n: int, whiten: bool = False) -> tuple[Ten
     return A0.contiguous(), B0, stats
 
 
-def layer_init(layer: nn.Module, stat: Moments, rank: int, lr1: float, gen: torch.Generator):
-    """One layer's init (initpass.py): ((A0, 0), stats) from the moments of its inputs. ``lr1`` and ``gen``
-    do not enter the init (the eigendecomposition is exact and deterministic)."""
+def layer_init(layer: nn.Module, stat: Moments, rank: int, scale: float, lr1: float, gen: torch.Generator):
+    """One layer's init (initpass.py): ((A0, 0), stats) from the moments of its inputs. ``scale``, ``lr1`` and
+    ``gen`` do not enter the init (the eigendecomposition is exact and deterministic)."""
     A0, B0, stats = factors(stat, rank, layer.out_features)
     return (A0, B0), stats

@@ -8,7 +8,8 @@ FLUX scale (190 attention layers: 7.2 GB), so the driver:
    than the budget is a chunk of its own);
 2. runs the pass once per chunk, over the same micro-batches each time (the pass seeds its own generator), on
    the pristine base;
-3. turns each layer's statistic into its factors at once (the method's ``layer_init``), frees it, and keeps
+3. turns each layer's statistic into its factors at once (the method's ``layer_init(layer, stat, rank, scale,
+   lr1, gen) -> (tensors, stats)``), frees it, and keeps
    only the rank-r factors;
 4. does this for every arm of the run that reads the same pass (``Request``s of one kind), so one pass serves
    them all; the other arms' factors wait in a per-run cache until their arm starts (``Shared``).
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fluxlora import methods
+from fluxlora import adapters, methods
 from fluxlora.errors import InitError
 from fluxlora.layers import OFFSET, SUBJECT
 
@@ -36,20 +37,23 @@ GIB = 1024 ** 3
 
 @dataclass(frozen=True)
 class Request:
-    """One arm's data-driven init: its method, rank and first non-zero learning rate; ``key``: what its pass
-    depends on (arms share a pass only when it is equal)."""
+    """One arm's data-driven init: its method, rank, adapter scale and first non-zero learning rate; ``key``:
+    what its pass depends on (arms share a pass only when it is equal)."""
 
     method: str
     rank: int
+    scale: float
     lr1: float
     key: tuple = ()
 
 
 def request(cfg, method: str, targets: list[str]) -> Request:
     """The request of the arm whose config (overrides applied) is ``cfg``."""
-    t, a = cfg.train, cfg.adapter
+    t, a, m = cfg.train, cfg.adapter, methods.get(method)
     key = (tuple(targets), t.seed, t.batch_size, a.sb_batches, cfg.data.prior_loss_weight, a.init_pass_gb)
-    return Request(method, a.rank, t.lr / max(1, t.warmup_steps), key)
+    scale = m.fixed_scale if m.fixed_scale is not None else adapters.scale_for(
+        a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
+    return Request(method, a.rank, scale, t.lr / max(1, t.warmup_steps), key)
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def compute(model: nn.Module, requests: list[Request], stat_pass: Pass, targets:
                 t0 = time.perf_counter()
                 try:
                     out[r.method].tensors[name], out[r.method].stats[name] = fns[r.method](
-                        layer, stat, r.rank, r.lr1, gens[r.method])
+                        layer, stat, r.rank, r.scale, r.lr1, gens[r.method])
                 except InitError as e:
                     raise InitError(f"{name} ({layer.out_features}x{layer.in_features}): {e}") from e
                 out[r.method].math_seconds += time.perf_counter() - t0

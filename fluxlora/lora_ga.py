@@ -62,8 +62,9 @@ def factors(G: Tensor, rank: int, generator: torch.Generator | None = None,
     return A0, B0, stats
 
 
-def layer_init(layer: nn.Module, G: Tensor, rank: int, lr1: float, gen: torch.Generator):
+def layer_init(layer: nn.Module, G: Tensor, rank: int, scale: float, lr1: float, gen: torch.Generator):
     """One layer's init (initpass.py): ((A0, B0), stats) from its gradient; the pair layer's trained factors
-    start at (A0, B0) and its frozen offset holds (A0, -B0). ``lr1`` does not enter the init."""
+    start at (A0, B0) and its frozen offset holds (A0, -B0). ``scale`` and ``lr1`` do not enter the init
+    (its stable scale is the method's own)."""
     A0, B0, stats = factors(G, rank, gen)
     return (A0, B0), stats

@@ -51,7 +51,8 @@ def factors(G: Tensor, rank: int, generator: torch.Generator | None = None,
     return A0, B0, stats
 
 
-def layer_init(layer: nn.Module, G: Tensor, rank: int, lr1: float, gen: torch.Generator):
-    """One layer's init (initpass.py): ((A0, B0), stats) from its gradient, trained from there (WHOLE)."""
+def layer_init(layer: nn.Module, G: Tensor, rank: int, scale: float, lr1: float, gen: torch.Generator):
+    """One layer's init (initpass.py): ((A0, B0), stats) from its gradient, trained from there (WHOLE); ``scale``
+    and ``lr1`` do not enter it (the authors' normalisation by S_1 gamma)."""
     A0, B0, stats = factors(G, rank, gen)
     return (A0, B0), stats

@@ -149,7 +149,7 @@ def factors(G: Tensor, rank: int, lr1: float, generator: torch.Generator | None 
     return A, B, R, stats
 
 
-def layer_init(layer: nn.Module, G: Tensor, rank: int, lr1: float, gen: torch.Generator):
+def layer_init(layer: nn.Module, G: Tensor, rank: int, scale: float, lr1: float, gen: torch.Generator):
     """One layer's init (initpass.py): ((A, B, R), stats) from its accumulated gradient; ``lr1`` is the
     first non-zero learning rate (the scale is SCALE, the table's fixed_scale)."""
     A, B, R, stats = factors(G, rank, lr1, gen)

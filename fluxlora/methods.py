@@ -6,10 +6,12 @@ name, so a new method touches only its own module and one row here. Math: docs/m
   niter=) -> inits.InitResult``, one layer at a time). The data-driven kinds read a per-layer statistic of a
   pass over the first ``adapter.sb_batches`` training micro-batches, on the pristine base before the adapter
   exists, run by initpass.py in memory-bounded chunks and shared by the run's arms of the same kind; the
-  method's ``layer_init(layer, stat, rank, lr1, gen) -> (tensors, stats)`` turns one layer's statistic into
+  method's ``layer_init(layer, stat, rank, scale, lr1, gen) -> (tensors, stats)`` turns one layer's statistic into
   its factors and ``initpass.write`` copies them in once the layers exist. GRADIENTS: the training loss's
   gradient wrt the target weight (lora_sb, lora_ga, lora_one). ACTIVATIONS: the layer's inputs, forward only,
-  as ``activations.Moments`` (mean and centred second moment; eva).
+  as ``activations.Moments`` (mean and centred second moment; eva, corda_ipm). PRIOR_ACTIVATIONS: the same
+  moments over the prior-preservation (class) rows of those micro-batches alone (``corda.prior_activation_pass``;
+  corda_kpm), the knowledge to keep; a config without prior preservation is refused (config.py).
 - ``start``: what the init's product B0 A0 is. ZERO: B0 A0 = 0, a plain LoRA, step 0 is the base. OFFSET:
   B0 A0 != 0, cancelled by a frozen second adapter (docs/methods.md section 6), step 0 is the base, the
   export carries both halves (rank 2r). WHOLE: the init is part of the trained delta by design (step 0 is
@@ -28,11 +30,13 @@ import importlib
 from dataclasses import dataclass
 
 WEIGHTS, GRADIENTS, ACTIVATIONS = "weights", "gradients", "activations"
+PRIOR_ACTIVATIONS = "prior_activations"
 ZERO, OFFSET, WHOLE = "zero", "offset", "whole"
 LORA, PAIR, CORE = "lora", "pair", "core"
-# What each data pass reads, and its name (for messages): the passes themselves are train.init_passes.
+# What each data pass reads, and its name (for messages): the passes themselves are train.stat_passes.
 PASSES = {GRADIENTS: ("the training data's loss gradient", "gradient pass"),
-          ACTIVATIONS: ("the training data's layer inputs", "activation pass")}
+          ACTIVATIONS: ("the training data's layer inputs", "activation pass"),
+          PRIOR_ACTIVATIONS: ("the prior-preservation (class) images' layer inputs", "prior activation pass")}
 LAYER_KINDS = {LORA: "fluxlora.adapters:PeftLayers", PAIR: "fluxlora.offset_layers:OffsetLayers",
                CORE: "fluxlora.lora_sb:CoreLayers"}
 
@@ -91,6 +95,8 @@ METHODS = {m.name: m for m in (
     _data("lora_ga", GRADIENTS, OFFSET, PAIR),
     _data("lora_one", GRADIENTS, WHOLE, LORA),
     _data("eva", ACTIVATIONS, ZERO, LORA),
+    _data("corda_ipm", ACTIVATIONS, OFFSET, PAIR),
+    _data("corda_kpm", PRIOR_ACTIVATIONS, OFFSET, PAIR),
 )}
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fluxlora import (activations, adapters, buckets, captions, checkpoint, distributed, gradients, initpass, masks,
-                      methods, sampling, signals, validation)
+from fluxlora import (activations, adapters, buckets, captions, checkpoint, corda, distributed, gradients, initpass,
+                      masks, methods, sampling, signals, validation)
 from fluxlora.errors import CheckpointError, TrainingStopped, write_errors
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import denoiser_offloaded_for_decode
@@ -188,12 +188,13 @@ def gradient_pass(prep: Prepared, t, targets: list[str], batches: int, prior_wei
     return grads
 
 
-def activation_pass(prep: Prepared, t, targets: list[str], batches: int, prior_weight: float) -> dict:
+def activation_pass(prep: Prepared, t, targets: list[str], batches: int, prior_weight: float, rows=None) -> dict:
     """The activation pass of the data-driven inits (methods.py, needs ACTIVATIONS): the moments of every
     target layer's input rows over the first ``batches`` micro-batches, the ones gradient_pass uses (same
     make_batch / loss_step and generator seeding: the same images, noise and sigmas). Forward only, no
     graph, in eval mode as peft's EVA runs its pass (FLUX and the other denoisers have no dropout, so the
-    mode changes nothing there). Data-parallel: each process's rows, then the exact moments of all rows."""
+    mode changes nothing there). Data-parallel: each process's rows, then the exact moments of all rows.
+    ``rows``: a function cutting each micro-batch to the rows to read (corda.prior_rows), or None for all."""
     model = prep.model
     gen, was_training = torch.Generator().manual_seed(t.seed), model.training
     model.eval()
@@ -201,7 +202,7 @@ def activation_pass(prep: Prepared, t, targets: list[str], batches: int, prior_w
         with torch.no_grad(), activations.layer_inputs(model, targets) as stats:
             for micro in range(batches):
                 batch = make_batch(prep, micro, t.batch_size, t.seed, gen)
-                loss_step(prep, model, batch, gen, t, prior_weight)
+                loss_step(prep, model, batch if rows is None else rows(batch), gen, t, prior_weight)
     finally:
         model.train(was_training)
     if prep.num_processes > 1:
@@ -214,7 +215,8 @@ def stat_passes(prep: Prepared, t, batches: int, prior_weight: float) -> dict[st
     def bound(fn):
         return lambda targets: fn(prep, t, targets, batches, prior_weight)
     return {methods.GRADIENTS: initpass.Pass(bound(gradient_pass), gradients.stat_bytes),
-            methods.ACTIVATIONS: initpass.Pass(bound(activation_pass), activations.stat_bytes)}
+            methods.ACTIVATIONS: initpass.Pass(bound(activation_pass), activations.stat_bytes),
+            methods.PRIOR_ACTIVATIONS: initpass.Pass(bound(corda.prior_activation_pass), activations.stat_bytes)}
 
 
 def init_passes(prep: Prepared, cfg, method: str, targets: list[str]) -> dict:

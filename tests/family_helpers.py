@@ -22,10 +22,12 @@ def generate_one(family, pipe, prompt: str, max_len: int, *, seed: int = 0, reso
 
 def other_base_start_inits(tested: list[str]) -> list[str]:
     """Every registered init not in ``tested`` whose step 0 is the base (methods.py start zero / offset): the
-    ones that start after an init step (LoRA-SB, LoRA-One, start "whole") have their own tests."""
+    ones that start after an init step (LoRA-SB, LoRA-One, start "whole") have their own tests, and so do the
+    ones that read the prior-preservation images (corda_kpm: tests/test_corda.py; these runs have none)."""
     from fluxlora import methods
 
-    return [m for m in methods.METHODS if m not in tested and methods.get(m).start != methods.WHOLE]
+    return [m for m in methods.METHODS if m not in tested and methods.get(m).start != methods.WHOLE
+            and methods.get(m).needs != methods.PRIOR_ACTIVATIONS]
 
 
 def assert_generate_tab_reproduces_the_samples(group, prompt: str, steps: int, last: int) -> None:

@@ -5,6 +5,7 @@ module, and the family-owned conditioning behaves as the trainer relies on."""
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -74,12 +75,14 @@ def test_method_table_matches_its_implementations():
     weights = {n for n, m in methods.METHODS.items() if m.needs == methods.WEIGHTS}
     assert weights == set(inits.INITS)  # the weight-reading registry is exactly the table's rows
     for name, m in methods.METHODS.items():
-        assert m.needs in (methods.WEIGHTS, methods.GRADIENTS, methods.ACTIVATIONS)
+        assert m.needs == methods.WEIGHTS or m.needs in methods.PASSES
         assert m.start in (methods.ZERO, methods.OFFSET, methods.WHOLE)
         assert callable(m.init_fn()) and m.layer_kind() is not None
         assert m.check is None or callable(m.check_fn())
         if m.needs == methods.WEIGHTS:
             assert m.init_fn() is inits.INITS[name]
+        else:  # initpass.py's per-layer step: layer_init(layer, stat, rank, scale, lr1, gen)
+            assert len(inspect.signature(m.layer_init_fn()).parameters) == 6, name
     assert methods.METHODS["lora_sb"].fixed_scale == 1.0 and methods.METHODS["lora_sb"].layer == methods.CORE
     with pytest.raises(AdapterError, match="unknown adapter.init 'nope'; valid:"):
         methods.get("nope")
