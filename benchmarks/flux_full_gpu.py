@@ -238,17 +238,24 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
+def target(tiny: bool):
+    """(device, dtype, model config) of a run: the CPU smoke mode, or the GPU with the trainer's attention
+    setting; None (said on stderr) without a GPU."""
+    if not tiny and not torch.cuda.is_available():
         print("no CUDA GPU: run with --tiny for the CPU smoke mode", file=sys.stderr)
-        return 2
-    device = torch.device("cpu" if args.tiny else "cuda")
+        return None
+    device = torch.device("cpu" if tiny else "cuda")
     from fluxlora.prepare import avoid_cudnn_attention
 
     avoid_cudnn_attention(device)  # as the trainer does
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    config = TINY if args.tiny else FLUX_DEV
+    return device, torch.float32 if tiny else torch.bfloat16, TINY if tiny else FLUX_DEV
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if (where := target(args.tiny)) is None:
+        return 2
+    device, dtype, config = where
     resolutions = [int(r) for r in (args.resolutions or ("64" if args.tiny else "512,1024")).split(",")]
     tflops = matmul_tflops(device, dtype, 1024 if args.tiny else 8192)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -8,6 +8,9 @@ B0 A0 (start OFFSET) also holds the frozen init term "offset" (A0, -B0), so ever
 W x + s (B A - B0 A0) x and the step-0 output equals the base output; the export concatenates the two:
 A' = [A; A0], B' = [B, -B0] (rank 2r, same scale), an exact delta against the pristine base
 (docs/methods.md section 6).
+
+DoRA (adapter.dora, arXiv 2402.09353; docs/dora.md) is peft's DoRA variant of the LoRA layer kind: a trainable
+magnitude m per output row, W' = m (W + s B A) / ||W + s B A||_row, m set from the final init factors.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class AdapterInfo:
     trainable_params: int = 0
     layers: dict[str, dict] = field(default_factory=dict)  # per-layer init statistics
     init_from: str | None = None  # the LoRA file the arm started from (adapter.init_from)
+    dora: bool = False  # DoRA: peft's layer with a trained magnitude per output row (docs/dora.md)
 
 
 def scale_for(rank: int, alpha: float, scaling: str, coefficient: float) -> float:
@@ -90,12 +94,12 @@ def float_weight(layer: nn.Module) -> torch.Tensor:
     return w.detach().float()
 
 
-def lora_config(rank: int, scale: float, targets: list[str], dropout: float):
+def lora_config(rank: int, scale: float, targets: list[str], dropout: float, dora: bool = False):
     from peft import LoraConfig
 
     # peft's scaling is lora_alpha / r; express every rule through lora_alpha = s * r.
     return LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=targets, lora_dropout=dropout,
-                      init_lora_weights=True)
+                      init_lora_weights=True, use_dora=dora)
 
 
 @dataclass
@@ -122,13 +126,16 @@ def _data_pass(m: methods.Method, inputs: InitInputs | None):
 
 def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list[str], *,
            dropout: float = 0.0, seed: int = 0, niter: int = 4, skip_init: bool = False,
-           inputs: InitInputs | None = None) -> AdapterInfo:
+           inputs: InitInputs | None = None, dora: bool = False) -> AdapterInfo:
     """Add the arm's adapter layers and initialize them as the method's table row says. ``skip_init`` only
-    builds the structure (resume or adapter.init_from load the tensors right after)."""
+    builds the structure (resume or adapter.init_from load the tensors right after). ``dora``: peft's DoRA
+    layer, its magnitude set from the init's factors (so step 0 is the method's own start)."""
+    from fluxlora import dora_layers  # imports this module
+
     m = methods.get(method)
-    kind = m.layer_kind()
+    kind = dora_layers.layer_kind(m) if dora else m.layer_kind()
     scale = m.fixed_scale if m.fixed_scale is not None else scale
-    info = AdapterInfo(method, rank, scale, targets, has_offset=m.start == methods.OFFSET)
+    info = AdapterInfo(method, rank, scale, targets, has_offset=m.start == methods.OFFSET, dora=dora)
     t0 = time.perf_counter()
     data = None if skip_init else _data_pass(m, inputs)  # a gradient or activation pass, or None
     info.init_seconds = time.perf_counter() - t0 if data is not None else 0.0
@@ -145,6 +152,8 @@ def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list
         except Exception:
             kind.detach(model, targets)
             raise
+        if dora:  # peft set m at add_adapter, before the init wrote A and B
+            dora_layers.init_magnitudes(model, targets)
         info.init_seconds += time.perf_counter() - t0
     kind.set_trainable(model)
     info.trainable_params = sum(p.numel() for p in trainable_parameters(model))
@@ -176,19 +185,21 @@ class PeftLayers:
     """Layer kind LORA (methods.py): peft's LoRA layers, one trainable "subject" adapter (the methods whose
     init product is zero; the offset ones use offset_layers.OffsetLayers)."""
 
-    @staticmethod
-    def attach(model, targets, rank, scale, dropout, offset: bool) -> None:
+    dora = False
+
+    @classmethod
+    def attach(cls, model, targets, rank, scale, dropout, offset: bool) -> None:
         if offset:
             raise AdapterError("peft's LoRA layer kind holds no frozen offset (methods.py gives OFFSET methods "
                                "the pair layer kind)")
-        model.add_adapter(lora_config(rank, scale, targets, dropout), adapter_name=SUBJECT)
+        model.add_adapter(lora_config(rank, scale, targets, dropout, cls.dora), adapter_name=SUBJECT)
         model.set_adapters([SUBJECT])
 
     @staticmethod
     def detach(model, targets) -> None:
         model.unload_lora()
 
-    # Activating adapters turns requires_grad on for all of them: only "subject" A/B may train.
+    # Activating adapters turns requires_grad on for all of them: only "subject" A/B (and m) may train.
     set_trainable = staticmethod(train_subject_factors)
 
     @staticmethod
@@ -213,10 +224,16 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every adapter tensor of the model from ``state`` and nothing else (a DoRA checkpoint into a plain
+    adapter, or the reverse, would otherwise load half an adapter)."""
     params = dict(model.named_parameters())
     missing = [k for k in state if k not in params]
-    if missing:
-        raise AdapterError(f"checkpoint has adapter tensors the model lacks: {missing[:3]}")
+    absent = [k for k in params if "lora_" in k and k not in state]
+    for what, keys in (("has adapter tensors the model lacks", missing), ("lacks adapter tensors", absent)):
+        if keys:
+            dora = (" (DoRA's magnitude: adapter.dora must be what the arm was trained with)"
+                    if any("lora_magnitude_vector" in k for k in keys) else "")
+            raise AdapterError(f"checkpoint {what}: {keys[:3]}{dora}")
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v)
@@ -255,19 +272,42 @@ def load_factors(model: nn.Module, info: AdapterInfo, layers: dict, offset: bool
     """Start the arm from given factors (adapter.init_from): layers[name] = (A, B, s_file) with delta
     s_file B A. The file's scale goes into B (exact), so the arm trains at its own scale. With
     ``offset`` the second half of each rank is the frozen init term; an arm with an offset adapter
-    and a file without one gets a zero init term."""
+    and a file without one gets a zero init term. A DoRA arm takes the file's magnitudes (``layers.dora``,
+    lorafile.FileLayers), else m = ||W + s B A||_row of the file's factors: step 0 is the file's model either
+    way. A DoRA file is refused by an arm without DoRA (the adapters are removed first: the base stays
+    pristine for the next arm)."""
+    from fluxlora import dora_layers
+
+    vectors = getattr(layers, "dora", None)
+    if vectors is not None and not info.dora:
+        remove(model, info)
+        raise AdapterError("adapter.init_from: the file is a DoRA adapter (a magnitude per output row beside its "
+                           "factors), which this arm would drop -> fix: set adapter.dora: true to continue it")
     for name in info.targets:
-        a, b, s_file = layers[name]
-        b = b * (s_file / info.scale)
-        r = a.shape[0] // 2 if offset else a.shape[0]
-        layer = model.get_submodule(name)
-        parts = [(SUBJECT, a[:r], b[:, :r])]
-        if info.has_offset:
-            parts.append((OFFSET, a[r:], b[:, r:]) if offset else
-                         (OFFSET, torch.zeros_like(a), torch.zeros_like(b)))
-        for adapter, fa, fb in parts:
-            wa, wb = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-            if wa.shape != fa.shape or wb.shape != fb.shape:
-                raise AdapterError(f"{name}: file factors {tuple(fa.shape)}/{tuple(fb.shape)} do not fit the "
-                                   f"adapter's {tuple(wa.shape)}/{tuple(wb.shape)}")
-            wa.copy_(fa.to(wa)), wb.copy_(fb.to(wb))
+        _load_pair(model.get_submodule(name), name, info, layers[name], offset)
+    if info.dora:
+        dora_layers.init_magnitudes(model, info.targets)
+        if vectors is not None:
+            dora_layers.load_magnitudes(model, vectors)
+
+
+def _load_pair(layer, name: str, info: AdapterInfo, factors, offset: bool) -> None:
+    a, b, s_file = factors
+    b = b * (s_file / info.scale)
+    r = a.shape[0] // 2 if offset else a.shape[0]
+    parts = [(SUBJECT, a[:r], b[:, :r])]
+    if info.has_offset:
+        parts.append((OFFSET, a[r:], b[:, r:]) if offset else
+                     (OFFSET, torch.zeros_like(a), torch.zeros_like(b)))
+    for adapter, fa, fb in parts:
+        wa, wb = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if wa.shape != fa.shape or wb.shape != fb.shape:
+            raise AdapterError(f"{name}: file factors {tuple(fa.shape)}/{tuple(fb.shape)} do not fit the "
+                               f"adapter's {tuple(wa.shape)}/{tuple(wb.shape)}")
+        wa.copy_(fa.to(wa)), wb.copy_(fb.to(wb))
+
+
+def base_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """Module ``name``'s pristine base weight in fp32 (n, m), adapted or not (read only: may share storage)."""
+    layer = model.get_submodule(name)
+    return float_weight(layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer)

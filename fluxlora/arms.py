@@ -60,41 +60,57 @@ def storage_bytes(prep: Prepared, cfg, method: str, targets: list[str]) -> int:
     return checkpoint * (cfg.train.keep_checkpoints + 1) + export * len(cfg.export.formats)
 
 
-def _inject(prep: Prepared, cfg, method: str, targets: list[str], start_file, resume_from) -> adapters.AdapterInfo:
+def _inject(prep: Prepared, cfg, method: str, targets: list[str], start_file, resume_from,
+            swap) -> adapters.AdapterInfo:
+    """The arm's adapter. A data-driven init's pass runs first, with block swap's hooks on (the swapped blocks
+    move in and out as in training); building the layers and weight-reading inits then read the swapped
+    blocks' base weights where they wait (``swap.readable``)."""
     t, a, model = cfg.train, cfg.adapter, prep.model
     scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
-    inputs = adapters.InitInputs(
-        train.init_passes(prep, cfg, method, targets),
-        first_lr=t.lr / max(1, t.warmup_steps))  # the LR of the first non-zero update (docs/methods.md 7.5)
-    info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed, niter=a.pissa_niter,
-                           skip_init=resume_from is not None or start_file is not None, inputs=inputs)
-    if start_file is not None and resume_from is None:
-        adapters.load_factors(model, info, start_file.layers, start_file.offset)
-        info.init_from = str(start_file.path)
+    fresh = resume_from is None and start_file is None
+    t0 = time.perf_counter()
+    done = {kind: run() for kind, run in train.init_passes(prep, cfg, method, targets).items()} if fresh else {}
+    passed = time.perf_counter() - t0
+    inputs = adapters.InitInputs({kind: (lambda v=v: v) for kind, v in done.items()},
+                                 first_lr=t.lr / max(1, t.warmup_steps))  # the first non-zero update's (methods.md 7.5)
+    with swap.readable():
+        info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed,
+                               niter=a.pissa_niter, skip_init=not fresh, inputs=inputs, dora=a.dora)
+        if start_file is not None and resume_from is None:
+            adapters.load_factors(model, info, start_file.layers, start_file.offset)
+            info.init_from = str(start_file.path)
+    info.init_seconds += passed
     return info
 
 
 def train_arm(prep: Prepared, cfg, method: str, arm: ArmDir) -> dict:
     """Train one arm (``cfg``: its arm config) to ``train.steps`` and export it; returns its summary.
-    Resumes from a checkpoint when asked. The arm's adapters are always removed afterwards."""
-    t, model = cfg.train, prep.model
-    model.to(prep.device)
-    if prep.device.type == "cuda":
-        import torch
+    Resumes from a checkpoint when asked. The arm's adapters are always removed afterwards. With
+    train.blocks_to_swap the last N blocks' frozen weights wait on the CPU for the whole arm and move in block by
+    block (block_swap.py, docs/block_swap.md); they are back where they were when the arm ends."""
+    from fluxlora import block_swap
 
-        torch.cuda.reset_peak_memory_stats(prep.device)
-    targets, start_file = check_arm(prep, cfg, method)
-    resume_from = checkpoint.find(arm, t.resume)
-    info = _inject(prep, cfg, method, targets, start_file, resume_from)
+    t, model, info = cfg.train, prep.model, None
     try:
-        if t.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        t_start = train.train_loop(prep, t, cfg.sample, arm, info, resume_from, lr_ratio_b=cfg.adapter.lr_ratio_b,
-                                prior_weight=cfg.data.prior_loss_weight,
-                                resolution=cfg.sample.resolution or cfg.data.largest)
-        return _finish(prep, cfg, arm, info, t_start)
+        with block_swap.swapping(model, t.blocks_to_swap, prep.device, cfg.source) as swap:
+            model.to(prep.device)  # all but the swapped blocks' weights (placeholders stand there)
+            if prep.device.type == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats(prep.device)
+            targets, start_file = check_arm(prep, cfg, method)
+            resume_from = checkpoint.find(arm, t.resume)
+            info = _inject(prep, cfg, method, targets, start_file, resume_from, swap)
+            if t.gradient_checkpointing:
+                model.enable_gradient_checkpointing()
+            t_start = train.train_loop(prep, t, cfg.sample, arm, info, resume_from, lr_ratio_b=cfg.adapter.lr_ratio_b,
+                                       prior_weight=cfg.data.prior_loss_weight,
+                                       resolution=cfg.sample.resolution or cfg.data.largest)
+            with swap.readable():  # the export may read base weights (DoRA); the peak is still this arm's
+                return _finish(prep, cfg, arm, info, t_start)
     finally:
-        adapters.remove(model, info)
+        if info is not None:
+            adapters.remove(model, info)
         if t.gradient_checkpointing:
             model.disable_gradient_checkpointing()
 

@@ -132,7 +132,7 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
     scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
     targets = adapters.find_targets(model, a.target_modules or family.target_presets[a.targets],
                                     blocks_only=not a.target_modules)
-    info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True)
+    info = adapters.inject(model, name, a.rank, scale, targets, skip_init=True, dora=a.dora)
     exact_rank = a.rank * (2 if info.has_offset else 1)
     if rank is not None and exact_rank <= rank:
         adapters.remove(model, info)
@@ -156,7 +156,7 @@ def _export_arm(run_dir, group, cfg, family, model, name: str, formats, dtype, r
         print(f"{name}: {path.name}: {line}")
     from fluxlora.formats import loader_warnings
 
-    for line in loader_warnings(formats or acfg.export.formats, targets, acfg.model.family):
+    for line in loader_warnings(formats or acfg.export.formats, targets, acfg.model.family, acfg.adapter.dora):
         print(f"{name}: warning: {line}")
     if truncation is not None:
         layer, worst = truncation.worst

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Sequence
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from fluxlora import formats, methods
+from fluxlora import config_checks, formats, methods
 from fluxlora.config_base import Float, NoOr, Section
 from fluxlora.config_errors import ConfigError, Problem, did_you_mean, problems_from, section_fields
 from fluxlora.config_eval import MetricsConfig, ValidationConfig
@@ -123,13 +123,13 @@ class AdapterConfig(Section):
     # Default from the toy sweep in BENCHMARKS.md (not the LLM calibration C ~ 256).
     alpha_coefficient: Float = Field(16.0, gt=0, description="C of the lora_alpha rule: s = C/sqrt(r)")
     lr_ratio_b: Float = Field(1.0, gt=0, description="LoRA+ ratio of B's learning rate")
+    dora: bool = Field(False, description="DoRA: also train a per-output magnitude of the adapted weight "
+                       "(weight-decomposed LoRA)")
     pissa_niter: int = Field(4, ge=0, description="subspace iterations of pissa_fast")
-    sb_batches: int = Field(3, ge=1, description="lora_sb, lora_ga, lora_one, eva: micro-batches of train.batch_size "
-                            "whose loss gradient (eva: layer inputs) the init reads (lora_sb: each subject image at "
-                            "most once)")
-    init_pass_gb: Float = Field(2.0, gt=0, description="data-driven inits (lora_sb, lora_ga, lora_one, eva): the "
-                                "most GiB of pass statistics (n x m gradients, m x m input covariances) held at "
-                                "once; the pass runs once per chunk of targets that fits")
+    sb_batches: int = Field(3, ge=1, description="data-driven inits (docs/methods.md 13): micro-batches whose loss "
+                            "gradient or layer inputs they read (lora_sb: each subject image at most once)")
+    init_pass_gb: Float = Field(2.0, gt=0, description="data-driven inits: the most GiB of pass statistics held at "
+                                "once (the pass runs per chunk of targets that fits; docs/methods.md 13)")
     init_from: str | None = Field(None, description="continue from this LoRA .safetensors (ours, diffusers or "
                                   "kohya/ComfyUI keys); its rank and modules must match the arm's")
     overrides: dict[str, ArmOverride] = Field(default_factory=dict,
@@ -172,6 +172,11 @@ class AdapterConfig(Section):
                                  f"with scale {fixed:g}: its size comes from its init) -> remove {moot}")
         return self
 
+    @model_validator(mode="after")
+    def _dora(self):
+        config_checks.dora_layer_kinds(self)
+        return self
+
     @property
     def arms(self) -> list[str]:
         return [self.init] if isinstance(self.init, str) else list(self.init)
@@ -204,6 +209,8 @@ class TrainConfig(Section):
         "none", description="flow matching: none | sigma_sqrt | cosmap; sdxl/sd15: none | min_snr (gamma 5)")
     guidance: Float = Field(1.0, description="guidance-embedding value in training (distilled models)")
     gradient_checkpointing: bool = False
+    blocks_to_swap: int = Field(0, ge=0, description="keep this many transformer blocks' frozen weights on the "
+                                "CPU and move each in for its forward and backward (smaller GPUs; 0: off)")
     mixed_precision: Annotated[Literal["no", "bf16", "fp16"], NoOr] = "no"
     checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
@@ -313,17 +320,15 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _prior_data(self):
-        """An init that calibrates on the prior-preservation images (methods.py PRIOR_ACTIVATIONS: corda_kpm,
-        docs/methods.md section 12) needs them: class images from data.class_dir or generated ones."""
-        arms = [n for n in self.adapter.arms if methods.METHODS[n].needs == methods.PRIOR_ACTIVATIONS]
-        d = self.data
-        if arms and not (d.class_prompt and (d.class_dir or d.num_class_images)):
-            raise ValueError(f"adapter.init {', '.join(arms)} calibrates on the prior-preservation (class) images, "
-                             "and this config has no prior preservation -> set data.class_dir (a folder of class "
-                             "images) and data.class_prompt, or data.num_class_images and data.class_prompt (to "
-                             "generate them), or drop it from adapter.init")
+    def _block_swap(self):
+        config_checks.block_swap(self)
         return self
+
+    @model_validator(mode="after")
+    def _prior_data(self):
+        config_checks.prior_data(self)
+        return self
+
 
 # ----- loading and reporting ------------------------------------------------------------------------
 

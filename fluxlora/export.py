@@ -7,6 +7,9 @@ format table (formats.py):
   SD3: Stability's MMDiT, SDXL / SD 1.5: the UNet's), fused layers built exactly, an ``.alpha`` tensor
   beside every adapter (kohya.py).
 
+A DoRA arm's files carry its magnitudes too: peft's ``<module>.lora_magnitude_vector`` in the diffusers file,
+ComfyUI's ``.dora_scale`` in the kohya one (kohya_dora.py; docs/dora.md).
+
 Optionally at a lower rank: the truncated SVD of every layer's delta, with the error it introduces."""
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fluxlora import adapters, kohya
+from fluxlora import adapters, dora_layers, kohya, kohya_dora
 from fluxlora.errors import AdapterError, ModelLoadError
 from fluxlora.formats import FORMATS
 from fluxlora.rundir import ArmDir
@@ -186,19 +189,23 @@ def _cast(layers, dtype: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: (a.to(to), b.to(to)) for name, (a, b) in layers.items()}
 
 
-def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict, family) -> None:
+def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict, family,
+                    dora: dora_layers.DoraExport | None = None) -> None:
     """Write through the family pipeline's save_lora_weights into a temp dir, add our metadata, rename in
     place. The scale is folded into the factors (sqrt(s) into each, in fp32 before the cast) and the LoRA
     config says alpha = rank: a loader that ignores the metadata's alpha (ComfyUI, ai-toolkit) applies the
-    same delta as one that reads it (diffusers). ``folded_scale`` in our record keeps s."""
+    same delta as one that reads it (diffusers). ``folded_scale`` in our record keeps s. DoRA: the config says
+    use_dora and peft's magnitude goes in as it is (fp32), unchanged by the folding (the delta is the same)."""
     rank = next(iter(layers.values()))[0].shape[0]
     root = math.sqrt(scale)
     folded = {name: (a * root, b * root) for name, (a, b) in layers.items()}
     state = {}
     for name, (a, b) in _cast(folded, dtype).items():
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+        if dora is not None:
+            state[f"{name}.lora_magnitude_vector"] = dora.magnitudes[name].float().contiguous()
     meta = {**meta, "alpha": float(rank), "folded_scale": scale}
-    config = adapters.lora_config(rank, 1.0, list(layers), 0.0).to_dict()
+    config = adapters.lora_config(rank, 1.0, list(layers), 0.0, dora is not None).to_dict()
     config["init_lora_weights"] = True  # loaders must never re-run an init (docs/design.md environment fact E2)
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
@@ -214,11 +221,16 @@ def write_diffusers(path: Path, layers, scale: float, dtype: str, meta: dict, ou
         os.replace(final_tmp, path)
 
 
-def write_comfyui(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict, family) -> None:
-    """kohya keys (fused layers built exactly, alpha in fp32 beside each adapter)."""
+def write_comfyui(path: Path, layers, scale: float, dtype: str, meta: dict, out_features: dict, family,
+                  dora: dora_layers.DoraExport | None = None) -> None:
+    """kohya keys (fused layers built exactly, alpha in fp32 beside each adapter). DoRA: a dora_scale beside
+    each adapter (fp32), computed from the cast tensors ComfyUI will read (kohya_dora.scales)."""
     to = EXPORT_DTYPES[dtype]
     state = kohya.to_kohya(layers, scale, out_features, family.name)
-    save_kohya_file(path, {k: v if k.endswith(".alpha") else v.to(to) for k, v in state.items()}, meta)
+    state = {k: v if k.endswith(".alpha") else v.to(to) for k, v in state.items()}
+    if dora is not None:
+        state.update(kohya_dora.scales(state, dora, out_features, family.name))
+    save_kohya_file(path, state, meta)
 
 
 def save_kohya_file(path: Path, state: dict, meta: dict) -> None:
@@ -229,11 +241,12 @@ def save_kohya_file(path: Path, state: dict, meta: dict) -> None:
 
 
 def write(path: Path, fmt: str, layers, scale: float, dtype: str, meta: dict, out_features: dict,
-          family) -> None:
-    """One file of ``layers`` (fp32 factors, cast to ``dtype`` only after fusing / folding the scale)."""
+          family, dora: dora_layers.DoraExport | None = None) -> None:
+    """One file of ``layers`` (fp32 factors, cast to ``dtype`` only after fusing / folding the scale), with a
+    DoRA arm's magnitudes (``dora``)."""
     rank = next(iter(layers.values()))[0].shape[0]
     meta = {**meta, "format": fmt, "dtype": dtype, "export_rank": rank, "alpha": rank * scale}
-    FORMATS[fmt].fn("write")(path, layers, scale, dtype, meta, out_features, family)
+    FORMATS[fmt].fn("write")(path, layers, scale, dtype, meta, out_features, family, dora)
 
 
 def metadata(*, base_model: str, revision: str | None, family: str, method: str, info: adapters.AdapterInfo,
@@ -243,7 +256,7 @@ def metadata(*, base_model: str, revision: str | None, family: str, method: str,
         "base_model": base_model, "base_model_revision": revision,
         "base_model_hash": base_model_hash(base_model), "base_model_hash_of": HASHED,
         "family": family, "method": method, "rank": info.rank, "scale": info.scale,
-        "offset": info.has_offset, "trigger": trigger, "steps": steps,
+        "offset": info.has_offset, "dora": info.dora, "trigger": trigger, "steps": steps,
         "config_hash": config_hash, "targets": info.targets,
     }
 
@@ -263,7 +276,8 @@ def check_formats(formats: list[str], targets: list[str], family: str) -> None:
 def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, meta: dict, family, formats: list[str],
                dtype: str, rank: int | None = None) -> tuple[list[Path], RankTruncation | None]:
     """The arm's files of the exact delta against the pristine base (rank 2r with an offset), or its
-    best rank-``rank`` approximation (files named ...-r<rank>.safetensors)."""
+    best rank-``rank`` approximation (files named ...-r<rank>.safetensors). A DoRA arm's magnitudes go with
+    either (with a re-cut delta, W' = m (W + dW_R) / ||W + dW_R||_row)."""
     check_formats(formats, info.targets, family.name)
     layers, meta, truncation = adapters.export_factors(model, info), dict(meta), None
     if rank is not None:
@@ -278,11 +292,11 @@ def export_arm(model, info: adapters.AdapterInfo, arm: ArmDir, meta: dict, famil
     if dtype != "fp32" and info.has_offset and truncation is None:  # a cast would amplify the near-cancellation
         layers = balanced(layers)
         meta.update(offset=False, refactored="balanced")
-    out_features = adapters.linear_out_features(model)
+    out_features, dora = adapters.linear_out_features(model), dora_layers.export_part(model, info)
     paths, errors = [], {}
     for fmt in formats:
         path = arm.export_file(fmt, rank)
-        write(path, fmt, layers, info.scale, dtype, meta, out_features, family)
+        write(path, fmt, layers, info.scale, dtype, meta, out_features, family, dora)
         paths.append(path)
         if dtype != "fp32":
             errors[path] = cast_error(layers, info.scale, path, out_features, family.name)

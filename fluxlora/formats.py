@@ -2,14 +2,18 @@
 to recognise it and the functions that write and read it. Torch-free (the config, the CLI, the run folder
 and the web UI's download list read it); ``write``/``read`` are "module:function" loaded on use.
 
-- writer: ``fn(path, layers, scale, dtype, meta, out_features, family)`` with layers {module: (A [r, in],
-  B [out, r])} in fp32, the delta ``scale * B A`` and ``family`` the family object (families/interface.py);
+- writer: ``fn(path, layers, scale, dtype, meta, out_features, family, dora)`` with layers {module: (A [r, in],
+  B [out, r])} in fp32, the delta ``scale * B A``, ``family`` the family object (families/interface.py) and
+  ``dora`` a DoRA arm's dora_layers.DoraExport (None without DoRA; docs/dora.md);
 - reader: ``fn(state, metadata, out_features, targets_hint, family_name) -> {module: (A, B, s)}``;
 - detect: ``fn(keys) -> bool`` (None: the format read when no other one recognises the file);
 - unmappable: ``fn(targets, family_name) -> targets the format cannot hold`` (None: it holds any Linear
   module);
 - drops: ``fn(targets, family_name) -> warning lines``: layers a known loader of the format silently skips,
   each line naming the loader, the layers and the file to use there instead (None: no known loader drops any).
+- dora: ``fn(state, out_features, layers, family_name) -> lorafile.DoraVectors | None``: a file's DoRA vectors
+  (``layers``: what ``read`` gave);
+- dora_drops: the warning line for a DoRA arm's file when a known loader of the format drops DoRA's part.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Format:
     unmappable: str | None
     description: str
     drops: str | None = None
+    dora: str | None = None
+    dora_drops: str | None = None
 
     def fn(self, what: str):
         module, _, attr = getattr(self, what).partition(":")
@@ -46,18 +52,24 @@ class Format:
 
 FORMATS = {f.name: f for f in (
     Format("diffusers", "adapter.safetensors", ALL, "fluxlora.export:write_diffusers", "fluxlora.lorafile:read_peft",
-           None, None, "diffusers/peft keys, LoRA config in the metadata (load_lora_weights)"),
+           None, None, "diffusers/peft keys, LoRA config in the metadata (load_lora_weights)",
+           dora="fluxlora.lorafile:read_peft_dora"),
     Format("comfyui", "adapter_comfyui.safetensors", KOHYA, "fluxlora.export:write_comfyui",
            "fluxlora.kohya:read", "fluxlora.kohya:is_kohya", "fluxlora.kohya:unmappable",
            "kohya keys on the original checkpoint's modules with an .alpha each (ComfyUI, sd-scripts)",
-           "fluxlora.kohya:loader_drops"),
+           "fluxlora.kohya:loader_drops", dora="fluxlora.kohya_dora:read",
+           dora_drops="adapter_comfyui.safetensors: diffusers' kohya reader drops every dora_scale (DoRA's "
+           "magnitude; diffusers warns) and applies a plain LoRA -> in diffusers load adapter.safetensors instead "
+           "(ComfyUI applies dora_scale; docs/dora.md)"),
 )}
 
 
-def loader_warnings(formats: list[str], targets: list[str], family: str) -> list[str]:
-    """Every known loader's silent drop of some of ``targets`` from the chosen formats' files."""
-    return [line for name in formats if FORMATS[name].drops
-            for line in FORMATS[name].fn("drops")(targets, family)]
+def loader_warnings(formats: list[str], targets: list[str], family: str, dora: bool = False) -> list[str]:
+    """Every known loader's silent drop of some of ``targets`` (or, with ``dora``, of DoRA's magnitudes) from
+    the chosen formats' files."""
+    lines = [line for name in formats if FORMATS[name].drops
+             for line in FORMATS[name].fn("drops")(targets, family)]
+    return lines + [FORMATS[name].dora_drops for name in formats if dora and FORMATS[name].dora_drops]
 
 
 def for_family(family: str) -> list[str]:

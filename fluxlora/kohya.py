@@ -12,7 +12,8 @@ on the fused layer with
 so ``up @ down`` stacks B_i A_i along the output: the exact fused delta, no approximation.
 
 Each family's names live in a key map (kohya_flux.py, kohya_sd3.py, kohya_unet.py; the family table's
-``kohya_keys`` names it), this module does the fusing, splitting, scale and alpha for all of them.
+``kohya_keys`` names it), this module does the fusing, splitting, scale and alpha for all of them. A DoRA arm's
+``.dora_scale`` beside each adapter is kohya_dora.py's.
 """
 
 from __future__ import annotations
@@ -131,12 +132,12 @@ def _split(down, up, parts, sizes, hint):
     return {p: (down, rows[p]) for p in used}
 
 
-def _kohya_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def kohya_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ComfyUI also reads 'diffusion_model.<original module>.lora_down.weight': the same adapters under the
     checkpoint's dotted names. Bring them to the lora_unet_ form."""
     out = {}
     for key, value in state.items():
-        m = re.fullmatch(r"diffusion_model\.(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        m = re.fullmatch(r"diffusion_model\.(.+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)", key)
         out[f"{PREFIX}{m.group(1).replace('.', '_')}.{m.group(2)}" if m else key] = value
     return out
 
@@ -148,7 +149,7 @@ def from_kohya(state: dict[str, torch.Tensor], out_features: dict[str, int], fam
     ``out_features`` lists the model's Linear modules (names and output sizes); ``hint`` the modules
     the file says it adapts (our own files), which keeps an untrained all-zero part in place."""
     keys = keymap(family)
-    state = _kohya_names(state)
+    state = kohya_names(state)
     known = {}
     for name in out_features:
         mapped = keys.module(name)

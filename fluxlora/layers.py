@@ -31,10 +31,16 @@ class Factor(nn.Module):
         self.weight = nn.Parameter(torch.zeros(rows, cols, device=device), requires_grad=False)
 
 
+# What trains of the SUBJECT adapter: its factors and, with DoRA (adapter.dora, peft's layer only), the
+# per-output-row magnitude (peft's ``lora_magnitude_vector.subject.weight``).
+TRAINED = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
 def train_subject_factors(model: nn.Module) -> None:
-    """Only the SUBJECT adapter's A and B train; the base, a frozen offset and everything else do not."""
+    """Only the SUBJECT adapter's A and B (and DoRA's magnitude) train; the base, a frozen offset and everything
+    else do not."""
     for n, p in model.named_parameters():
-        p.requires_grad_(f".{SUBJECT}." in n and ("lora_A" in n or "lora_B" in n))
+        p.requires_grad_(f".{SUBJECT}." in n and any(t in n for t in TRAINED))
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -3,7 +3,8 @@ diffusers/peft keys or kohya/ComfyUI keys; and the check that it fits the arm it
 
 Every layer comes back as (A, B, s) with delta = s * B A on the diffusers module it adapts; fused BFL
 layers (FLUX's qkv and linear1, SD3's qkv) are split exactly (kohya.from_kohya). The format is recognised through the format
-table (formats.py)."""
+table (formats.py). A DoRA file's per-row vectors come with the layers (``FileLayers.dora``): peft's magnitude
+(diffusers keys) or ComfyUI's dora_scale (kohya keys), which adapters.load_factors turns into the arm's magnitude."""
 
 from __future__ import annotations
 
@@ -20,6 +21,27 @@ from fluxlora.formats import FORMATS, Format
 
 OURS = "fluxlora"  # our metadata record (export.META_KEY)
 PEFT_META = "lora_adapter_metadata"  # diffusers' LoRA config record
+# What a file's DoRA vector is (DoraVectors.rule): peft's magnitude m itself, or ComfyUI's dora_scale, which
+# ComfyUI divides by the base weight's row norm (kohya_dora.py; docs/dora.md).
+PEFT, COMFYUI = "peft", "comfyui"
+MAGNITUDE_KEY = re.compile(r"(?:transformer\.|unet\.)?(.+)\.lora_magnitude_vector(?:\.weight)?")
+
+
+@dataclass
+class DoraVectors:
+    """A DoRA file's vector per output row of each module (diffusers row order), and what it is (``rule``)."""
+
+    rule: str
+    vectors: dict[str, torch.Tensor]
+
+
+class FileLayers(dict):
+    """{module: (A, B, s)} as a format's reader gives them, with the file's DoRA vectors (None: no DoRA):
+    one object, so that whoever passes a file's layers on (adapters.load_factors) passes its magnitudes too."""
+
+    def __init__(self, layers: dict, dora: DoraVectors | None = None):
+        super().__init__(layers)
+        self.dora = dora
 
 
 @dataclass
@@ -28,6 +50,10 @@ class LoraFile:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A [r, in], B [out, r], s)
     offset: bool = False  # ours, exported with the frozen init term: the second half of each rank
     meta: dict = field(default_factory=dict)
+
+    @property
+    def dora(self) -> DoraVectors | None:
+        return getattr(self.layers, "dora", None)
 
     @property
     def rank(self) -> int:
@@ -59,9 +85,13 @@ def read(path: str | Path, out_features: dict[str, int], family: str) -> LoraFil
     except KeyError as e:
         raise AdapterError(f"adapter.init_from {path}: {e.args[0]} -> fix: use a LoRA file made for this "
                            f"{family} model (its denoiser only, no text encoder)") from e
+    try:
+        dora = fmt.fn("dora")(state, out_features, layers, family) if fmt.dora else None
+    except KeyError as e:
+        raise AdapterError(f"adapter.init_from {path}: {e.args[0]}") from e
     if not layers:
         raise AdapterError(f"adapter.init_from {path}: no LoRA tensors found (lora_A/lora_B or lora_down/lora_up)")
-    return LoraFile(path, layers, bool(ours.get("offset", False)), ours)
+    return LoraFile(path, FileLayers(layers, dora), bool(ours.get("offset", False)), ours)
 
 
 def file_format(state: dict) -> Format:
@@ -89,7 +119,7 @@ def read_peft(state, metadata, out_features, hint, family) -> dict[str, tuple[to
     for key in state:
         m = re.fullmatch(r"(?:transformer\.|unet\.)?(.+)\.lora_([AB])\.weight", key)
         if m is None:
-            if key.endswith(".alpha"):
+            if key.endswith(".alpha") or MAGNITUDE_KEY.fullmatch(key):
                 continue
             raise KeyError(f"key {key!r} is neither a denoiser LoRA factor nor an alpha")
         modules.setdefault(m.group(1), {})[m.group(2)] = state[key].float()
@@ -104,6 +134,19 @@ def read_peft(state, metadata, out_features, hint, family) -> dict[str, tuple[to
             float(alpha) / f["A"].shape[0] if alpha is not None else 1.0)
         out[name] = (f["A"], f["B"], scale)
     return out
+
+
+def read_peft_dora(state, out_features, layers, family) -> DoraVectors | None:
+    """The diffusers format's DoRA vectors: peft's '[transformer.]<module>.lora_magnitude_vector' (peft's own
+    state-dict key; '.weight' after it, as diffusers' kohya converter writes it, is read too)."""
+    vectors = {}
+    for key, value in state.items():
+        m = MAGNITUDE_KEY.fullmatch(key)
+        if m is not None:
+            if m.group(1) not in layers:
+                raise KeyError(f"DoRA magnitude {key!r} belongs to no adapted module of the file")
+            vectors[m.group(1)] = value.float().reshape(-1)
+    return DoraVectors(PEFT, vectors) if vectors else None
 
 
 def _suffixes(names: list[str], all_names: list[str]) -> list[str] | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fluxlora import buckets, captions, data, families, initpass, masks, metrics, modelpath, validation
+from fluxlora import block_swap, buckets, captions, data, families, initpass, masks, metrics, modelpath, validation
 from fluxlora.families.interface import Cond
 from fluxlora.families.pipeline import on_device
 
@@ -127,9 +127,11 @@ def class_samples(cfg, family, pipe, device, max_len: int, main_first, warn) -> 
             warn(f"generating {d.num_class_images - have} class images of {d.class_prompt!r} into {folder}")
             with on_device(device, *family.text_encoders(pipe)):
                 embeds = family.encode_prompts(pipe, [d.class_prompt], max_len)
-            with on_device(device, family.denoiser(pipe)):
+            denoiser = family.denoiser(pipe)
+            with block_swap.resident(denoiser, cfg.train.blocks_to_swap, device, cfg.source):
                 generate_class_images(family, pipe, folder, embeds, have, d.num_class_images, d.largest,
                                       cfg.sample.steps)
+            denoiser.to("cpu")
     return data.load_samples(folder, d.class_prompt, warn=warn)
 
 
@@ -205,7 +207,8 @@ def prepare(cfg, device: torch.device, warn=print, main_first=contextlib.nullcon
     instance, prior = _caches(cfg, family, pipe, device, samples, classes, table, layout)
     model = family.denoiser(pipe)
     checks = validation.build(cfg, family, pipe, device, held, val_text)
-    model.to(device)  # the encoders are back on the CPU: the loop needs only the denoiser
+    if not cfg.train.blocks_to_swap:  # with block swap, each arm places the model (arms.train_arm)
+        model.to(device)  # the encoders are back on the CPU: the loop needs only the denoiser
     evaluator = None
     if evaluate and modelpath.is_toy(m.path):  # toy-sized: its prompts are encoded on the CPU
         s = cfg.sample

@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fluxlora import checkpoint, initpass, methods, preflight, validation
+from fluxlora import block_swap, checkpoint, initpass, methods, preflight, validation
 from fluxlora.arms import check_arm, storage_bytes, train_arm
 from fluxlora.config import arm_config, config_hash, dump_config
 from fluxlora.distributed import make_accelerator, on_main
@@ -203,12 +203,13 @@ def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[st
         prep.autocast = accelerator.autocast
         prep.process_index, prep.num_processes = accelerator.process_index, accelerator.num_processes
         if prep.validation is not None and prep.main:
-            validation.reference(prep)  # the base model's scores, before any arm's adapter
+            with block_swap.resident(prep.model, cfg.train.blocks_to_swap, prep.device, cfg.source):
+                validation.reference(prep)  # the base model's scores, before any arm's adapter
         need, said = 0, set()
         for method in arms:  # a file or target problem stops the run before any arm trains
             acfg, arm = arm_config(cfg, method), group.arm(method)
             targets, _ = check_arm(prep, acfg, method)
-            for line in loader_warnings(acfg.export.formats, targets, acfg.model.family):
+            for line in loader_warnings(acfg.export.formats, targets, acfg.model.family, acfg.adapter.dora):
                 if line not in said:  # the same targets in every arm: say it once
                     said.add(line)
                     warn(f"warning: {line}")
