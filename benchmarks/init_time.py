@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from fluxlora import activations, eva, lora_ga, lora_one, lora_sb  # noqa: E402
+from fluxlora import activations, corda, eva, lora_ga, lora_one, lora_sb  # noqa: E402
 from fluxlora.inits import INITS  # noqa: E402
 
 
@@ -46,16 +46,25 @@ def eva_layer(W: torch.Tensor, rank: int, scale: float, generator=None):
     return eva.factors(stat, rank, W.shape[0])
 
 
+def corda_layer(W: torch.Tensor, rank: int, scale: float, generator=None):
+    """corda_ipm's per-layer math: the n x m buffer is the weight and also n input rows folded into the moments;
+    then the covariance, peft's damping (one m x m inverse) and the full SVD of W C' (kpm: the same work)."""
+    stat = activations.Moments.empty(W.shape[1])
+    stat.add(W)
+    return corda.factors(W, corda.covariance(stat), rank, "ipm", scale)
+
+
 # lora_sb's per-layer math only (sign, randomized SVD with niter 10, factors) on a random "gradient";
 # its gradient pass over the data depends on the model and is timed by a training run (BENCHMARKS.md).
 FNS = {**INITS, "lora_sb": lambda W, rank, scale, generator=None: lora_sb.factors(W, rank, 1e-4, generator),
        "lora_ga": lambda W, rank, scale, generator=None: lora_ga.factors(W, rank, generator),
        "lora_one": lambda W, rank, scale, generator=None: lora_one.factors(W, rank, generator),
-       "eva": eva_layer}
+       "eva": eva_layer, "corda_ipm": corda_layer}
 VAR = "W.var()"  # the reference row: one pass over the weight
 FNS[VAR] = lambda W, rank, scale, generator=None: torch.var(W)
-METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb", "lora_ga", "lora_one", "eva"]
-SLOW = {"pissa", "milora", "olora", "eva"}  # full SVD / QR / eigh: timed on --sample layers, then extrapolated
+METHODS = ["lora", "pissa", "pissa_fast", "loram", "olora", "milora", "lora_sb", "lora_ga", "lora_one", "eva",
+           "corda_ipm"]
+SLOW = {"pissa", "milora", "olora", "eva", "corda_ipm"}  # full SVD / QR / eigh: timed on --sample layers, then extrapolated
 WEIGHT_STD = 0.02  # realistic scale of a FLUX linear weight
 SCALE = 1.0  # s = alpha / r with alpha = r, as in the paper's FLUX run (docs/methods.md section 1.5)
 TARGET_FAST, TARGET_FULL = 20.0, 500.0  # loram vs pissa_fast / vs pissa, per-layer speed-up
@@ -216,7 +225,9 @@ def header(args: argparse.Namespace) -> str:
             "takes its sign first); their gradient pass over the data is not in this number\n"
             "- eva: its per-layer math only: the random n x m buffer as n input rows folded into the m x m moments "
             "(one hook call), then the exact eigendecomposition of the m x m statistic; the activation pass's "
-            "forwards are not in this number")
+            "forwards are not in this number\n"
+            "- corda_ipm: its per-layer math only: the buffer as the weight and as n input rows (moments), the "
+            "covariance, one m x m inverse (damping) and the full SVD of W C'; the pass is not in this number")
 
 
 def main(argv=None) -> int:
