@@ -179,6 +179,7 @@ def describe(method: str, data: Factors, targets: int, budget: int) -> str:
     """One line for the log: how the pass ran and what it held at most."""
     which = methods.PASSES[methods.get(method).needs][1]
     shared = f", shared by {', '.join(data.shared_with)}" if len(data.shared_with) > 1 else ""
-    return (f"{method}: {which} over {targets} targets in {data.chunks} chunk(s), at most "
-            f"{data.peak_bytes / GIB:.2f} GiB of statistics at once (adapter.init_pass_gb = {budget / GIB:g}); "
+    held = f"{data.peak_bytes / GIB:.2f} GiB" if data.peak_bytes >= GIB else f"{data.peak_bytes / 2 ** 20:.1f} MiB"
+    return (f"{method}: {which} over {targets} targets in {data.chunks} chunk(s), at most {held} of statistics "
+            f"at once (adapter.init_pass_gb = {budget / GIB:g}); "
             f"pass {data.pass_seconds:.2f} s{shared}; factors {data.math_seconds:.2f} s")
