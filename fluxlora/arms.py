@@ -54,6 +54,7 @@ def storage_bytes(prep: Prepared, cfg, method: str, targets: list[str]) -> int:
     sizes = [(layer.in_features, layer.out_features) for layer in map(prep.model.get_submodule, targets)]
     per_rank = sum(i + o for i, o in sizes)  # A and B of one rank unit, over all targets
     trainable = a.rank * a.rank * len(sizes) if m.layer == methods.CORE else a.rank * per_rank
+    trainable += sum(o for _, o in sizes) if a.dora else 0  # DoRA's magnitude: one value per output row
     frozen = a.rank * per_rank if (m.layer == methods.CORE or m.start == methods.OFFSET) else 0  # A, B or offset
     checkpoint = 4 * (frozen + trainable + 2 * trainable)  # the adapter, then AdamW's two moments
     export = 4 * a.rank * per_rank * (2 if m.start == methods.OFFSET else 1)  # rank 2r with an offset
