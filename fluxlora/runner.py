@@ -205,7 +205,7 @@ def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[st
         if prep.validation is not None and prep.main:
             with block_swap.resident(prep.model, cfg.train.blocks_to_swap, prep.device, cfg.source):
                 validation.reference(prep)  # the base model's scores, before any arm's adapter
-        need, said = 0, set()
+        need, said, pending = 0, set(), []
         for method in arms:  # a file or target problem stops the run before any arm trains
             acfg, arm = arm_config(cfg, method), group.arm(method)
             targets, _ = check_arm(prep, acfg, method)
@@ -215,7 +215,10 @@ def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[st
                     warn(f"warning: {line}")
             if arm.status().get("status") != "done":  # on --resume, what is on disk already counts
                 need += max(0, storage_bytes(prep, acfg, method, targets) - _bytes_in(arm.root))
+            if _starts_from_data(acfg, method, arm):
+                pending.append(initpass.request(acfg, method, targets))
         check_free_space(Path(cfg.output_dir), need)
+        prep.init_cache.pending = pending
     except USER_ERRORS as e:
         raise RefusedBeforeTraining(e) from e
     return prep
@@ -224,7 +227,6 @@ def _prepared_and_checked(cfg, group: GroupDir, warn, accelerator, arms: list[st
 def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, owner=True) -> list[dict]:
     arms = arms or cfg.adapter.arms
     prep = _prepared_and_checked(cfg, group, warn, accelerator, arms)
-    prep.init_cache.pending = _fresh_inits(prep, cfg, group, arms)
     results = []
     for method in arms:
         arm = group.arm(method)
@@ -255,17 +257,11 @@ def _run_arms(cfg, group: GroupDir, resume: bool, warn, accelerator, arms=None, 
     return results
 
 
-def _fresh_inits(prep, cfg, group: GroupDir, arms: list[str]) -> list:
-    """The data-driven inits the run will compute (arms that start from their init, not from a checkpoint or
-    adapter.init_from): the first arm of a pass kind computes them all in one pass (initpass.Shared)."""
-    out = []
-    for method in arms:
-        acfg = arm_config(cfg, method)
-        if (methods.get(method).needs == methods.WEIGHTS or acfg.adapter.init_from
-                or checkpoint.find(group.arm(method), acfg.train.resume) is not None):
-            continue
-        out.append(initpass.request(acfg, method, check_arm(prep, acfg, method)[0]))
-    return out
+def _starts_from_data(acfg, method: str, arm) -> bool:
+    """Whether the arm will compute a data-driven init (not from a checkpoint or adapter.init_from): the run's
+    first arm of a pass kind computes all of them in one pass (initpass.Shared)."""
+    return (methods.get(method).needs != methods.WEIGHTS and not acfg.adapter.init_from
+            and checkpoint.find(arm, acfg.train.resume) is None)
 
 
 def _mark_failed(arm, message: str, main: bool, warn) -> None:
