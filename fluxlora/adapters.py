@@ -25,7 +25,7 @@ from torch import nn
 
 from fluxlora import methods
 from fluxlora.errors import AdapterError, InitError
-from fluxlora.layers import OFFSET, SUBJECT, in_blocks, train_subject_factors
+from fluxlora.layers import OFFSET, SUBJECT, in_blocks, train_subject_factors, write_factors
 
 
 @dataclass
@@ -172,11 +172,7 @@ def _init_from_weights(model, m: methods.Method, rank, scale, targets, seed, nit
             res = fn(W, rank, scale, generator=gen, niter=niter)
         except InitError as e:
             raise AdapterError(f"{name} ({W.shape[0]}x{W.shape[1]}): {e}") from e
-        a, b = layer.lora_A[SUBJECT].weight, layer.lora_B[SUBJECT].weight
-        a.copy_(res.A0.to(a)), b.copy_(res.B0.to(b))
-        if has_offset:
-            layer.lora_A[OFFSET].weight.copy_(res.A0.to(a))
-            layer.lora_B[OFFSET].weight.copy_(-res.B0.to(b))
+        write_factors(layer, res.A0, res.B0, has_offset)
         stats[name] = res.stats
     return stats
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from fluxlora import adapters, methods
 from fluxlora.errors import InitError
-from fluxlora.layers import OFFSET, SUBJECT
+from fluxlora.layers import write_factors
 
 GIB = 1024 ** 3
 
@@ -154,25 +154,15 @@ def write(model: nn.Module, data: Factors, rank: int, scale: float, lr1: float, 
     return data.stats
 
 
-def _write_lora(layer, A0, B0) -> None:
-    a, b = layer.lora_A[SUBJECT].weight, layer.lora_B[SUBJECT].weight
-    a.copy_(A0.to(a)), b.copy_(B0.to(b))
-
-
-def _write_pair(layer, A0, B0) -> None:
-    """The trained factors start at (A0, B0), the frozen offset holds (A0, -B0): docs/methods.md section 6."""
-    _write_lora(layer, A0, B0)
-    layer.lora_A[OFFSET].weight.copy_(A0.to(layer.lora_A[OFFSET].weight))
-    layer.lora_B[OFFSET].weight.copy_(-B0.to(layer.lora_B[OFFSET].weight))
-
-
 def _write_core(layer, A, B, R) -> None:
     from fluxlora.lora_sb import write_core
 
     write_core(layer, A, B, R)
 
 
-_WRITERS = {methods.LORA: _write_lora, methods.PAIR: _write_pair, methods.CORE: _write_core}
+_WRITERS = {methods.LORA: lambda layer, A0, B0: write_factors(layer, A0, B0, offset=False),
+            methods.PAIR: lambda layer, A0, B0: write_factors(layer, A0, B0, offset=True),
+            methods.CORE: _write_core}
 
 
 def describe(method: str, data: Factors, targets: int, budget: int) -> str:

@@ -43,6 +43,17 @@ def train_subject_factors(model: nn.Module) -> None:
         p.requires_grad_(f".{SUBJECT}." in n and any(t in n for t in TRAINED))
 
 
+@torch.no_grad()
+def write_factors(layer: nn.Module, A0: torch.Tensor, B0: torch.Tensor, offset: bool) -> None:
+    """An init's (A0, B0) into an attached layer: the trained factors start there and, with ``offset``, the
+    frozen init term holds (A0, -B0) (docs/methods.md section 6)."""
+    a, b = layer.lora_A[SUBJECT].weight, layer.lora_B[SUBJECT].weight
+    a.copy_(A0.to(a)), b.copy_(B0.to(b))
+    if offset:
+        layer.lora_A[OFFSET].weight.copy_(A0.to(a))
+        layer.lora_B[OFFSET].weight.copy_(-B0.to(b))
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     head, _, child = name.rpartition(".")
     return (model.get_submodule(head) if head else model), child
