@@ -55,6 +55,14 @@ def tiny_config(tmp_path, tiny_flux, subject_dir, **sections):
     return parse_config(raw)
 
 
+def method_config(method: str, rank: int, tmp_path, tiny_flux, subject_dir, lr: float = 1.0e-2, **sections):
+    """tiny_config for one init method's tests: that method at ``rank``, 2 steps at ``lr``; keyword sections
+    merge over these."""
+    sections["adapter"] = {"init": method, "rank": rank, **sections.get("adapter", {})}
+    sections["train"] = {"steps": 2, "lr": lr, **sections.get("train", {})}
+    return tiny_config(tmp_path, tiny_flux, subject_dir, **sections)
+
+
 @pytest.fixture(scope="session")
 def finished_group(tmp_path_factory, tiny_flux, subject_dir):
     """A finished 2-arm tiny run with samples at steps 0, 2, 4 (shared by the web UI tests; do not modify it)."""

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config
+from conftest import method_config
 from family_helpers import FLUX, generate_one
 from fluxlora import activations, adapters, corda, corda_ipm, corda_kpm, methods, train
 from fluxlora.config import ConfigError
@@ -317,11 +317,9 @@ def class_dir(tmp_path_factory):
 
 
 def corda_config(tmp_path, tiny_flux, subject_dir, class_dir, **sections):
-    sections["adapter"] = {"init": "corda_ipm", "rank": RANK, **sections.get("adapter", {})}
-    sections["train"] = {"steps": 2, "lr": 1.0e-2, **sections.get("train", {})}
     sections["data"] = {"instance_dir": str(subject_dir), "resolution": 32, "class_dir": str(class_dir),
                         "class_prompt": "a plain square", **sections.get("data", {})}
-    return tiny_config(tmp_path, tiny_flux, subject_dir, **sections)
+    return method_config("corda_ipm", RANK, tmp_path, tiny_flux, subject_dir, **sections)
 
 
 def test_prior_pass_reads_only_class_rows_and_the_inits_start_at_the_base(tmp_path, tiny_flux, subject_dir,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_resume_matches_uninterrupted, tiny_config
+from conftest import assert_resume_matches_uninterrupted, method_config
 from family_helpers import FLUX, generate_one
 from fluxlora import activations, adapters, eva, inits, methods, train
 from fluxlora.prepare import prepare
@@ -170,10 +170,7 @@ def recorded_inputs(prep, cfg, targets: list[str]) -> dict[str, torch.Tensor]:
     return {n: torch.cat(rows) for n, rows in seen.items()}
 
 
-def eva_config(tmp_path, tiny_flux, subject_dir, **sections):
-    sections["adapter"] = {"init": "eva", "rank": RANK, **sections.get("adapter", {})}
-    sections["train"] = {"steps": 2, "lr": 1.0e-2, **sections.get("train", {})}
-    return tiny_config(tmp_path, tiny_flux, subject_dir, **sections)
+eva_config = functools.partial(method_config, "eva", RANK)
 
 
 def test_init_from_the_trainers_activation_pass_keeps_step_0_at_the_base(tmp_path, tiny_flux, subject_dir):

@@ -4,12 +4,13 @@ comes from the trainer's gradient pass, step 0 is the base, the base is untouche
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import assert_resume_matches_uninterrupted, tiny_config
+from conftest import assert_resume_matches_uninterrupted, method_config
 from family_helpers import FLUX
 from fluxlora import adapters, inits, lora_ga, train
 from fluxlora.prepare import prepare
@@ -74,10 +75,7 @@ def test_same_directions_as_peft_which_also_puts_the_singular_values_into_b():
     torch.testing.assert_close(B0.double() @ B0.double().T, unscaled @ unscaled.T, atol=1e-5, rtol=0)
 
 
-def ga_config(tmp_path, tiny_flux, subject_dir, **sections):
-    sections["adapter"] = {"init": "lora_ga", "rank": RANK, **sections.get("adapter", {})}
-    sections["train"] = {"steps": 2, "lr": 1.0e-2, **sections.get("train", {})}
-    return tiny_config(tmp_path, tiny_flux, subject_dir, **sections)
+ga_config = functools.partial(method_config, "lora_ga", RANK)
 
 
 def test_init_from_the_trainers_gradient_keeps_step_0_at_the_base(tmp_path, tiny_flux, subject_dir):

@@ -5,11 +5,12 @@ base weights stay untouched, the export is a plain rank-r LoRA and resume is exa
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 import torch
 
-from conftest import assert_resume_matches_uninterrupted, tiny_config
+from conftest import assert_resume_matches_uninterrupted, method_config
 from family_helpers import FLUX
 from fluxlora import adapters, inits, lora_one, train
 from fluxlora.prepare import prepare
@@ -37,10 +38,7 @@ def test_the_product_is_the_normalised_truncated_step():
         lora_one.factors(torch.zeros(8, 8), 2)
 
 
-def one_config(tmp_path, tiny_flux, subject_dir, **sections):
-    sections["adapter"] = {"init": "lora_one", "rank": RANK, **sections.get("adapter", {})}
-    sections["train"] = {"steps": 2, "lr": 1.0e-2, **sections.get("train", {})}
-    return tiny_config(tmp_path, tiny_flux, subject_dir, **sections)
+one_config = functools.partial(method_config, "lora_one", RANK)
 
 
 def test_step_0_is_the_base_with_the_init_step_merged(tmp_path, tiny_flux, subject_dir):

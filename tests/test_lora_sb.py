@@ -3,13 +3,14 @@ of the approximated first AdamW step, only R trains, the base is never touched, 
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from family_helpers import FLUX
-from conftest import assert_resume_matches_uninterrupted, tiny_config
+from conftest import assert_resume_matches_uninterrupted, method_config
 from fluxlora import adapters, arms, inits, lora_sb, train
 from fluxlora.config import ConfigError
 from fluxlora.prepare import prepare
@@ -21,11 +22,7 @@ from test_train import weights_hash
 RANK, LR = 4, 1.0e-2
 
 
-def sb_config(tmp_path, tiny_flux, subject_dir, **sections):
-    sections.setdefault("adapter", {})
-    sections["adapter"] = {"init": "lora_sb", "rank": RANK, **sections["adapter"]}
-    sections["train"] = {"steps": 2, "lr": LR, **sections.get("train", {})}
-    return tiny_config(tmp_path, tiny_flux, subject_dir, **sections)
+sb_config = functools.partial(method_config, "lora_sb", RANK, lr=LR)
 
 
 def inject_sb(prep, cfg):
