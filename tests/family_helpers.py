@@ -30,6 +30,29 @@ def other_base_start_inits(tested: list[str]) -> list[str]:
             and methods.get(m).needs != methods.PRIOR_ACTIVATIONS]
 
 
+def run_beside_lora(cfg, runs_dir, method: str, last_step: int):
+    """Run ``cfg`` (arms lora and ``method``): both step-0 samples are the same image within 1/255 (both start
+    at the base) and ``method``'s step-``last_step`` sample moved away from it; returns (its ArmDir, that
+    sample as an int array)."""
+    import numpy as np
+    from PIL import Image
+
+    from fluxlora.rundir import GroupDir
+    from fluxlora.runner import run
+
+    def sample(arm, step: int):
+        return np.asarray(Image.open(arm.samples_dir / f"step-{step:06d}" / "00.png")).astype(int)
+
+    assert [r.get("error") for r in run(cfg, warn=lambda m: None)] == [None, None]
+    group = GroupDir(runs_dir / cfg.name)
+    first = [sample(a, 0) for a in group.arms()]
+    assert np.abs(first[0] - first[1]).max() <= 1
+    arm = group.arm(method)
+    last = sample(arm, last_step)
+    assert np.abs(last - first[1]).max() > 0
+    return arm, last
+
+
 def assert_generate_tab_reproduces_the_samples(group, prompt: str, steps: int, last: int) -> None:
     """The web UI's generator (bench.AdapterBench: one loaded base, the arms' exported adapters switched in)
     gives the base image of step 0 and each arm's image of step ``last``, within 1/255."""

@@ -15,11 +15,9 @@ import torch
 from torch import nn
 
 from conftest import assert_resume_matches_uninterrupted, method_config
-from family_helpers import FLUX, generate_one
+from family_helpers import FLUX, generate_one, run_beside_lora
 from fluxlora import activations, adapters, eva, inits, methods, train
 from fluxlora.prepare import prepare
-from fluxlora.rundir import GroupDir
-from fluxlora.runner import run
 from test_adapters import outputs
 from test_train import weights_hash
 
@@ -211,17 +209,9 @@ def test_init_from_the_trainers_activation_pass_keeps_step_0_at_the_base(tmp_pat
 
 
 def test_a_run_with_lora_starts_both_at_the_base_reloads_and_resumes_exactly(tmp_path, tiny_flux, subject_dir):
-    from PIL import Image
-
     cfg = eva_config(tmp_path, tiny_flux, subject_dir, name="two", adapter={"init": ["lora", "eva"]},
                      train={"steps": 3})
-    assert [r.get("error") for r in run(cfg, warn=lambda m: None)] == [None, None]
-    group = GroupDir(tmp_path / "runs" / "two")
-    first = [np.asarray(Image.open(a.samples_dir / "step-000000" / "00.png")).astype(int) for a in group.arms()]
-    assert np.abs(first[0] - first[1]).max() <= 1
-    arm = group.arm("eva")
-    last = np.asarray(Image.open(arm.samples_dir / "step-000003" / "00.png")).astype(int)
-    assert np.abs(last - first[1]).max() > 0
+    arm, last = run_beside_lora(cfg, tmp_path / "runs", "eva", 3)
     pipe = FLUX.load(str(tiny_flux))
     pipe.load_lora_weights(str(arm.adapter_file))  # the export reloads in diffusers and gives the last sample
     assert np.abs(np.asarray(generate_one(FLUX, pipe, cfg.sample.prompts[0], 24)).astype(int) - last).max() <= 1

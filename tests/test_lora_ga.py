@@ -11,11 +11,9 @@ import torch
 from torch import nn
 
 from conftest import assert_resume_matches_uninterrupted, method_config
-from family_helpers import FLUX
+from family_helpers import FLUX, run_beside_lora
 from fluxlora import adapters, inits, lora_ga, train
 from fluxlora.prepare import prepare
-from fluxlora.rundir import GroupDir
-from fluxlora.runner import run
 from test_adapters import outputs
 from test_lora_sb import reference_gradients
 from test_train import weights_hash
@@ -103,17 +101,9 @@ def test_init_from_the_trainers_gradient_keeps_step_0_at_the_base(tmp_path, tiny
 
 
 def test_a_run_with_lora_starts_both_at_the_base_and_resumes_exactly(tmp_path, tiny_flux, subject_dir):
-    import numpy as np
-    from PIL import Image
-
     cfg = ga_config(tmp_path, tiny_flux, subject_dir, name="two", adapter={"init": ["lora", "lora_ga"]},
                     train={"steps": 3})
-    assert [r.get("error") for r in run(cfg, warn=lambda m: None)] == [None, None]
-    group = GroupDir(tmp_path / "runs" / "two")
-    first = [np.asarray(Image.open(a.samples_dir / "step-000000" / "00.png")).astype(int) for a in group.arms()]
-    assert np.abs(first[0] - first[1]).max() <= 1
-    last = np.asarray(Image.open(group.arm("lora_ga").samples_dir / "step-000003" / "00.png")).astype(int)
-    assert np.abs(last - first[1]).max() > 0
+    run_beside_lora(cfg, tmp_path / "runs", "lora_ga", 3)
 
     def cfg_steps(name, steps):
         return ga_config(tmp_path, tiny_flux, subject_dir, name=name, train={"steps": steps, "checkpoint_every": 2})
