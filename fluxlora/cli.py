@@ -19,6 +19,7 @@ EPILOG = """examples:
   fluxlora train my_subject.yaml --dry-run --dump-dataset /tmp/seen
   fluxlora export runs/toy_subject
   fluxlora sweep sweeps/toy_study.yaml          # a grid of runs + runs/toy_study/report.md
+  fluxlora sweep sweeps/toy_study_all.yaml      # a study: several sweeps on one grid, one report
   fluxlora sample runs/toy_subject --prompt "a zxq emblem on a red background, center" --seed 3
   fluxlora info runs/toy_subject/loram/adapter.safetensors
   fluxlora webui --runs runs
@@ -48,7 +49,8 @@ def _train_parser(sub) -> None:
 
 def _sweep_parser(sub) -> None:
     w = sub.add_parser("sweep", help="train a grid of runs (e.g. init x lr x rank x seed) and write a report")
-    w.add_argument("sweep", help="sweep YAML (see sweeps/): a run config, fixed overrides and a grid")
+    w.add_argument("sweep", help="sweep YAML (see sweeps/): a run config, fixed overrides and a grid; or a "
+                   "study YAML whose parts: are sweeps on one grid, reported as one comparison (docs/sweeps.md)")
     w.add_argument("--dry-run", action="store_true", help="check every cell's config and list the cells and "
                    "what is on disk for each; trains nothing")
     w.add_argument("--report", action="store_true", help="only rewrite report.md and plots/ from what is on disk")

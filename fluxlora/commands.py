@@ -37,9 +37,11 @@ def train(config: str, overrides: list[str], resume: bool, arms_parallel: int | 
 
 def sweep(path: str, dry_run: bool, report_only: bool) -> int:
     """`fluxlora sweep`: every cell of the grid as a run folder, then report.md (sweep.py, report.py)."""
-    from fluxlora import report
+    from fluxlora import report, study
     from fluxlora import sweep as sweeps
 
+    if study.is_study(path):
+        return study_command(path, dry_run, report_only)
     if dry_run:
         return sweeps.dry_run(path)
     if report_only:
@@ -55,6 +57,21 @@ def sweep(path: str, dry_run: bool, report_only: bool) -> int:
     from fluxlora.rundir import read_json
 
     return 0 if (read_json(root / sweeps.STATE, {}) or {}).get("status") == "done" else 1
+
+
+def study_command(path: str, dry_run: bool, report_only: bool) -> int:
+    """`fluxlora sweep study.yaml`: train every part's cells, then one report over all their arms (study.py)."""
+    from fluxlora import report, study
+    from fluxlora.rundir import read_json
+
+    if dry_run:
+        return study.dry_run(path)
+    if report_only:
+        print(study.write(*study.plan(path)))
+        return 0
+    root = study.run_study(path)
+    print(f"report: {root / report.REPORT}")
+    return 0 if (read_json(root / study.SWEEP_STATE, {}) or {}).get("status") == "done" else 1
 
 
 def parse_formats(values: list[str] | None) -> list[str] | None:

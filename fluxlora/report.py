@@ -141,15 +141,28 @@ def _wall(state: dict) -> str:
     return "-" if s is None else f"{s / 60:.1f} min in the last invocation"
 
 
+def _parts(state: dict) -> list[str]:
+    """A study's lines naming its parts (study.py): which sweep each arm comes from."""
+    parts = state.get("parts")
+    if not parts:
+        return []
+    lines = [f"- `{p['name']}` ({p['folder']}): arms {', '.join(p['arms'])}; {p['done']} / {p['total']} cells done"
+             for p in parts]
+    return ["A study of several sweeps on one grid; each cell's configs were checked to differ only in their arms.",
+            "", *lines, ""]
+
+
 def render(root: Path, state: dict, runs: list[ArmRun], best: dict[tuple, list[ArmRun]], metrics: list[str],
            plots: list[str]) -> str:
     """report.md's text: ``best`` from choose(), ``metrics`` the result columns."""
     r = state.get("sweep", {}).get("report", {})
     seeds, chosen, on = r.get("seeds"), r.get("choose"), r.get("by", "val_loss_subject")
     rule = f"`{chosen}` chosen per arm on the mean final `{on}` over seeds" if chosen else "no field chosen"
-    out = [f"# Sweep {state.get('name', Path(root).name)}", "",
+    kind = "Study" if state.get("parts") else "Sweep"
+    out = [f"# {kind} {state.get('name', Path(root).name)}", "",
            f"Cells done: {state.get('done', 0)} / {state.get('total', '?')} (status {state.get('status', '?')}; "
            f"wall {_wall(state)}). Arms finished: {len(runs)}. Values: mean ± sd over `{seeds}`.", "",
+           *_parts(state),
            "## Each arm at its own best value", "", f"{rule}; the result columns are other metrics "
            "(↑ higher is better, ↓ lower is better).", "", *headline(best, chosen, on, metrics), "",
            "## Plots", "", *[f"![{p}](plots/{p})" for p in plots], "",
@@ -158,11 +171,16 @@ def render(root: Path, state: dict, runs: list[ArmRun], best: dict[tuple, list[A
 
 
 def write(root: Path) -> Path:
-    """(Re)write report.md and plots/ from what is on disk; returns the report's path."""
+    """(Re)write a sweep's report.md and plots/ from what is on disk; returns the report's path."""
+    state, runs = collect(Path(root))
+    return publish(Path(root), state, runs)
+
+
+def publish(root: Path, state: dict, runs: list[ArmRun]) -> Path:
+    """report.md and plots/ in ``root`` for ``runs`` (one sweep's, or a study's parts'), with the choice rule
+    of ``state["sweep"]["report"]``."""
     from fluxlora import report_plots
 
-    root = Path(root)
-    state, runs = collect(root)
     r = state.get("sweep", {}).get("report", {})
     on = r.get("by", "val_loss_subject")
     best = choose(runs, r.get("seeds"), r.get("choose"), on)

@@ -123,7 +123,8 @@ def cell_config(sweep: SweepConfig, root: Path, cell: Cell) -> RunConfig:
     return load_config(sweep.config, overrides(sweep, root, cell))
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
+def read_document(path: str | Path) -> dict:
+    """A sweep or study file's YAML mapping (safe loading), its problems named with line and fix."""
     path = Path(path)
     try:
         data = load_yaml(path.read_text(encoding="utf-8-sig"))
@@ -134,7 +135,11 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if not isinstance(data, dict):
         raise ConfigError(str(path), [Problem("(document)", None, "a sweep file is a mapping",
                                               "write name:, config:, grid: at top level")])
+    return data
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
     try:
-        return SweepConfig.model_validate(data)
+        return SweepConfig.model_validate(read_document(path))
     except ValidationError as e:
         raise ConfigError(str(path), problems_from(SweepConfig, e)) from None

@@ -197,6 +197,13 @@ def sweep_names(runs: Path) -> list[str]:
     return [p.name for p in list_sweeps(runs)]
 
 
+def _cells_where(name: str, state: dict) -> str:
+    parts = [p["name"] for p in state.get("parts", [])]
+    if parts:  # a study (fluxlora/study.py): its cells live in its parts' folders
+        return f". A study of {', '.join(parts)}: their cells are in the run list as `<part>/<cell>`."
+    return f". Its cells are in the run list as `{name}/<cell>`."
+
+
 def sweep_report(runs: Path, name: str | None, file_route: str) -> str:
     """The sweep's progress line and report.md, its plot links pointing at the runs-folder file route."""
     folder = next((p for p in list_sweeps(runs) if p.name == name), None)
@@ -206,7 +213,7 @@ def sweep_report(runs: Path, name: str | None, file_route: str) -> str:
     eta = state.get("eta_s")
     head = (f"**{name}**: {state.get('done', 0)} / {state.get('total', '?')} cells done, status "
             f"{state.get('status', '?')}" + (f", about {eta / 60:.0f} min left" if eta and state.get("status") ==
-                                            "running" else "") + f". Its cells are in the run list as `{name}/<cell>`.")
+                                            "running" else "") + _cells_where(name, state))
     report = folder / "report.md"
     if not report.is_file():
         return head + "\n\nno report yet (it is written after the first cell finishes)"
