@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -104,24 +103,24 @@ def lora_config(rank: int, scale: float, targets: list[str], dropout: float, dor
 
 @dataclass
 class InitInputs:
-    """What a data-driven init may read besides the weights (methods.py ``needs``): one callable per pass kind
-    ({methods.GRADIENTS: ..., methods.ACTIVATIONS: ...}), each called on the pristine base before the adapter
-    exists, and the first non-zero learning rate."""
+    """What a data-driven init may read besides the weights (methods.py ``needs``): each pass's result by kind
+    ({methods.GRADIENTS: ..., methods.ACTIVATIONS: ...}), computed on the pristine base before the adapter
+    exists (train.init_passes), and the first non-zero learning rate."""
 
-    passes: dict[str, Callable[[], object]] = field(default_factory=dict)
+    passes: dict[str, object] = field(default_factory=dict)
     first_lr: float = 1.0
 
 
 def _data_pass(m: methods.Method, inputs: InitInputs | None):
-    """Run the pass the method's init reads (methods.py ``needs``), or None for a weight-reading init."""
+    """The result of the pass the method's init reads (methods.py ``needs``), or None for a weight-reading init."""
     if m.needs == methods.WEIGHTS:
         return None
-    run = (inputs.passes if inputs is not None else {}).get(m.needs)
-    if run is None:
+    data = (inputs.passes if inputs is not None else {}).get(m.needs)
+    if data is None:
         what, which = methods.PASSES[m.needs]
         raise AdapterError(f"{m.name} initializes from {what}, and no {which} was given -> fix: "
                            "train it through the trainer (fluxlora train)")
-    return run()  # on the pristine base: before any adapter layer exists
+    return data
 
 
 def inject(model: nn.Module, method: str, rank: int, scale: float, targets: list[str], *,

@@ -70,10 +70,9 @@ def _inject(prep: Prepared, cfg, method: str, targets: list[str], start_file, re
     scale = adapters.scale_for(a.rank, a.effective_alpha, a.scaling, a.alpha_coefficient)
     fresh = resume_from is None and start_file is None
     t0 = time.perf_counter()
-    done = {kind: run() for kind, run in train.init_passes(prep, cfg, method, targets).items()} if fresh else {}
+    done = train.init_passes(prep, cfg, method, targets) if fresh else {}
     passed = time.perf_counter() - t0
-    inputs = adapters.InitInputs({kind: (lambda v=v: v) for kind, v in done.items()},
-                                 first_lr=t.lr / max(1, t.warmup_steps))  # the first non-zero update's (methods.md 7.5)
+    inputs = adapters.InitInputs(done, first_lr=t.lr / max(1, t.warmup_steps))  # the first non-zero update's (methods.md 7.5)
     with swap.readable():
         info = adapters.inject(model, method, a.rank, scale, targets, dropout=a.dropout, seed=t.seed,
                                niter=a.pissa_niter, skip_init=not fresh, inputs=inputs, dora=a.dora)

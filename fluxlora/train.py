@@ -220,8 +220,9 @@ def stat_passes(prep: Prepared, t, batches: int, prior_weight: float) -> dict[st
 
 
 def init_passes(prep: Prepared, cfg, method: str, targets: list[str]) -> dict:
-    """adapters.InitInputs' passes for the arm (``cfg``: its arm config): the method's factors from its data
-    pass, run in memory-bounded chunks and shared with the run's other arms of the same pass (initpass.py)."""
+    """adapters.InitInputs' passes for the arm (``cfg``: its arm config), run now, on the pristine base: the
+    method's factors from its data pass, in memory-bounded chunks and shared with the run's other arms of the
+    same pass (initpass.py). {} for a weight-reading init."""
     m = methods.get(method)
     if m.needs == methods.WEIGHTS:
         return {}
@@ -229,13 +230,11 @@ def init_passes(prep: Prepared, cfg, method: str, targets: list[str]) -> dict:
     stat_pass = stat_passes(prep, t, a.sb_batches, cfg.data.prior_loss_weight)[m.needs]
     budget = int(a.init_pass_gb * initpass.GIB)
 
-    def run():
-        data = prep.init_cache.factors(prep.model, initpass.request(cfg, method, targets), m.needs, stat_pass,
-                                       targets, t.seed, budget)
-        if prep.main:
-            print(initpass.describe(method, data, len(targets), budget))
-        return data
-    return {m.needs: run}
+    data = prep.init_cache.factors(prep.model, initpass.request(cfg, method, targets), m.needs, stat_pass,
+                                   targets, t.seed, budget)
+    if prep.main:
+        print(initpass.describe(method, data, len(targets), budget))
+    return {m.needs: data}
 
 
 def _start(prep, t, s, arm, info, resume_from, log, lr_ratio_b: float, resolution: int):
