@@ -149,3 +149,29 @@ def test_the_web_ui_lists_a_study_and_says_where_its_cells_are(tmp_path, base):
     assert views.sweep_names(runs) == ["both", "first", "later"]
     text = views.sweep_report(runs, "both", "/runs-file")
     assert "8 / 8 cells done" in text and "A study of first, later" in text and "# Study both" in text
+
+
+def test_an_arm_trains_the_same_whichever_arms_share_its_run(tmp_path, tiny_flux, subject_dir):
+    """A study's premise: an arm added in a later part is what it would have been beside the earlier arms, data-
+    driven inits too (their pass reads batches before training). Adapters and losses bit for bit."""
+    from safetensors.torch import load_file
+
+    from fluxlora.runner import run
+
+    def train(arms: list[str], name: str) -> GroupDir:
+        cfg = tiny_config(tmp_path, tiny_flux, subject_dir, name=name, adapter={"init": arms, "rank": 2},
+                          data={"validation": VALIDATION}, train={"steps": 3})
+        assert all("error" not in r for r in run(cfg, warn=lambda m: None))
+        return GroupDir(tmp_path / "runs" / name)
+
+    together = train(["pissa", "lora_ga"], "together")
+    for arm in ("lora_ga", "pissa"):
+        alone = train([arm], f"{arm}_alone")
+        a, b = together.arm(arm), alone.arm(arm)
+        assert _without_times(a) == _without_times(b)  # losses, sigma and noise sums, validation, detectors
+        fa, fb = load_file(a.root / "adapter.safetensors"), load_file(b.root / "adapter.safetensors")
+        assert fa.keys() == fb.keys() and all((fa[k] == fb[k]).all() for k in fa)
+
+
+def _without_times(arm) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("time", "step_time")} for r in arm.metrics()]
