@@ -57,7 +57,7 @@ def _band(ax, runs: list[ArmRun], metric: str, label: str) -> None:
 
 
 def _axes(plt, n: int):
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.4), squeeze=False, layout="constrained")
     return fig, axes[0]
 
 
@@ -74,7 +74,12 @@ def _figure(out: Path, name: str, panels: list[tuple], draw_panel, xlabel: str, 
         draw_panel(ax, panel)
         ax.set(title=_title(panel), xlabel=xlabel, ylabel=_ylabel(metric))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(ax.get_lines()) > 5:  # many arms: beside the panel, off the curves
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        else:
+            ax.legend(fontsize=7)
+    if any(len(ax.get_lines()) > 5 for ax in axes):
+        fig.set_figwidth(6.6 * len(axes))  # room for the legends (constrained layout places them)
     _save(fig, out / name)
     plt.close(fig)
     return name
