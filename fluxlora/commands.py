@@ -62,7 +62,7 @@ def sweep(path: str, dry_run: bool, report_only: bool) -> int:
 def study_command(path: str, dry_run: bool, report_only: bool) -> int:
     """`fluxlora sweep study.yaml`: train every part's cells, then one report over all their arms (study.py)."""
     from fluxlora import report, study
-    from fluxlora.rundir import read_json
+    from fluxlora.rundir import SWEEP_STATE, read_json
 
     if dry_run:
         return study.dry_run(path)
@@ -71,7 +71,7 @@ def study_command(path: str, dry_run: bool, report_only: bool) -> int:
         return 0
     root = study.run_study(path)
     print(f"report: {root / report.REPORT}")
-    return 0 if (read_json(root / study.SWEEP_STATE, {}) or {}).get("status") == "done" else 1
+    return 0 if (read_json(root / SWEEP_STATE, {}) or {}).get("status") == "done" else 1
 
 
 def parse_formats(values: list[str] | None) -> list[str] | None:

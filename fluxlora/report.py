@@ -70,10 +70,13 @@ def by_setting(runs: list[ArmRun], drop: tuple) -> dict[tuple, list[ArmRun]]:
     return dict(out)
 
 
-def choose(runs: list[ArmRun], seeds: str | None, chosen: str | None, on: str) -> dict[tuple, list[ArmRun]]:
+def choose(runs: list[ArmRun], seeds: str | None, chosen: str | None, on: str,
+           counts: dict | None = None) -> dict[tuple, list[ArmRun]]:
     """Per arm and remaining setting: the seeds of its best value of ``chosen`` by the mean final ``on``, among the
-    values that have the most seeds finished (a partial sweep never compares a 2-seed mean with a 1-seed one)."""
+    values that have the most seeds finished (a partial sweep never compares a 2-seed mean with a 1-seed one).
+    ``counts``, when given, receives per key (values compared, values of ``chosen`` any arm has)."""
     drop = tuple(k for k in (seeds, chosen) if k)
+    offered = len({_hashable(r.values.get(chosen)) for r in runs}) if chosen else 1
     best = {}
     for key, group in by_setting(runs, drop).items():
         options = by_setting(group, (seeds,) if seeds else ())
@@ -87,6 +90,8 @@ def choose(runs: list[ArmRun], seeds: str | None, chosen: str | None, on: str) -
             if metric_info.better(on, cand[0], pick[0]):
                 pick = cand
         best[key] = options[pick[1]]
+        if counts is not None:
+            counts[key] = (len(scored), offered)
     return best
 
 
@@ -110,8 +115,10 @@ def _label(key: tuple) -> tuple[str, list[str]]:
     return key[0], [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in key[1:]]
 
 
-def headline(best: dict[tuple, list[ArmRun]], chosen: str | None, on: str, metrics: list[str]) -> list[str]:
-    """The markdown table: each arm at its own best value of ``chosen``."""
+def headline(best: dict[tuple, list[ArmRun]], chosen: str | None, on: str, metrics: list[str],
+             counts: dict | None = None) -> list[str]:
+    """The markdown table: each arm at its own best value of ``chosen``; "(k of n)" after a value chosen among
+    fewer values than other arms had (``counts`` from choose: an arm whose runs are not all in yet)."""
     pick = chosen.rsplit(".", 1)[-1] if chosen else None
     head = ["arm", "setting", *([f"best {pick}"] if pick else []), "seeds", f"{on} (selection)",
             *[f"{m} ({'↑' if metric_info.METRICS.get(m, metric_info.METRICS['loss']).higher_is_better else '↓'})"
@@ -119,7 +126,9 @@ def headline(best: dict[tuple, list[ArmRun]], chosen: str | None, on: str, metri
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, runs in sorted(best.items(), key=lambda kv: (kv[0][1:], kv[0][0])):
         arm, rest = _label(key)
-        cells = [arm, ", ".join(rest) or "-", *([str(runs[0].values[chosen])] if pick else []), str(len(runs)),
+        k, n = (counts or {}).get(key, (1, 1))
+        value = f"{runs[0].values[chosen]}" + (f" ({k} of {n})" if k < n else "") if pick else None
+        cells = [arm, ", ".join(rest) or "-", *([value] if pick else []), str(len(runs)),
                  fmt(finals(runs, on)), *[fmt(finals(runs, m)) for m in metrics]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -153,18 +162,19 @@ def _parts(state: dict) -> list[str]:
 
 
 def render(root: Path, state: dict, runs: list[ArmRun], best: dict[tuple, list[ArmRun]], metrics: list[str],
-           plots: list[str]) -> str:
+           plots: list[str], counts: dict | None = None) -> str:
     """report.md's text: ``best`` from choose(), ``metrics`` the result columns."""
     r = state.get("sweep", {}).get("report", {})
     seeds, chosen, on = r.get("seeds"), r.get("choose"), r.get("by", "val_loss_subject")
     rule = f"`{chosen}` chosen per arm on the mean final `{on}` over seeds" if chosen else "no field chosen"
     kind = "Study" if state.get("parts") else "Sweep"
     out = [f"# {kind} {state.get('name', Path(root).name)}", "",
-           f"Cells done: {state.get('done', 0)} / {state.get('total', '?')} (status {state.get('status', '?')}; "
+           f"{'Part cells' if state.get('parts') else 'Cells'} done: {state.get('done', 0)} / {state.get('total', '?')} (status {state.get('status', '?')}; "
            f"wall {_wall(state)}). Arms finished: {len(runs)}. Values: mean ± sd over `{seeds}`.", "",
            *_parts(state),
            "## Each arm at its own best value", "", f"{rule}; the result columns are other metrics "
-           "(↑ higher is better, ↓ lower is better).", "", *headline(best, chosen, on, metrics), "",
+           "(↑ higher is better, ↓ lower is better). A value followed by (k of n) was chosen among k of the n "
+           "values, the others lacking seeds so far.", "", *headline(best, chosen, on, metrics, counts), "",
            "## Plots", "", *[f"![{p}](plots/{p})" for p in plots], "",
            "## Every setting (final values)", "", *every_setting(runs, seeds, metrics, on), ""]
     return "\n".join(out)
@@ -183,11 +193,12 @@ def publish(root: Path, state: dict, runs: list[ArmRun]) -> Path:
 
     r = state.get("sweep", {}).get("report", {})
     on = r.get("by", "val_loss_subject")
-    best = choose(runs, r.get("seeds"), r.get("choose"), on)
+    counts: dict = {}
+    best = choose(runs, r.get("seeds"), r.get("choose"), on, counts)
     metrics = result_metrics(runs, r.get("metrics"), on)
     plots = report_plots.draw(root / "plots", runs, best, r.get("seeds"), r.get("choose"), [on, *metrics])
     path = root / REPORT
     tmp = path.with_name(f".{REPORT}.{os.getpid()}.tmp")
-    tmp.write_text(render(root, state, runs, best, metrics, plots), encoding="utf-8")
+    tmp.write_text(render(root, state, runs, best, metrics, plots, counts), encoding="utf-8")
     os.replace(tmp, path)
     return path

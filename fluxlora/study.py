@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError
 
 from fluxlora import report
+from fluxlora import sweep as sweeps
 from fluxlora.config import load_config
 from fluxlora.config_base import Section
 from fluxlora.config_errors import ConfigError, Problem, problems_from
@@ -26,16 +27,19 @@ from fluxlora.rundir import SWEEP_STATE, GroupDir, read_json, write_json
 from fluxlora.sweep_config import Cell, ReportConfig, SweepConfig, load_sweep, read_document
 
 # What may differ between the parts' configs of one cell: the arms (and their per-arm overrides), the
-# folder the sweep gives the cell, and the resume marker a resumed cell records.
-ARM_FIELDS = ("name", "output_dir", "adapter.init", "adapter.overrides", "train.resume")
+# folder the sweep gives the cell, the resume marker a resumed cell records, and the settings tests show
+# leave every result bit for bit the same (block swap: tests/test_block_swap.py; the data pass's memory
+# budget: tests/test_initpass.py), so a later part may run on a smaller machine.
+ARM_FIELDS = ("name", "output_dir", "adapter.init", "adapter.overrides", "train.resume", "train.blocks_to_swap",
+              "adapter.init_pass_gb")
 
 
 class StudyConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="study folder name")
-    parts: list[str] = Field(min_length=2, description="sweep files on the same grid and run config, each "
-                             "with its own arms; trained in this order")
-    output_dir: str | None = Field(None, description="where the study folder goes (default: beside the first "
-                                   "part's sweep folder)")
+    parts: list[str] = Field(min_length=2, description="sweep files (paths from the working directory) on the "
+                             "same grid and run config, each with its own arms; trained in this order")
+    output_dir: str | None = Field(None, description="where the study folder goes, a path from the working "
+                                   "directory (default: beside the first part's sweep folder)")
     report: ReportConfig = Field(default_factory=ReportConfig)
 
 
@@ -67,40 +71,54 @@ def load_study(path: str | Path) -> StudyConfig:
 def plan(path: str | Path) -> tuple[StudyConfig, Path, list[Part]]:
     """The study, its folder and its parts, every comparability rule checked (ConfigError naming the part,
     cell and field otherwise); trains nothing."""
-    from fluxlora import sweep as sweeps
-
     study = load_study(path)
     parts = []
     for p in study.parts:
         sweep = load_sweep(p)
         root, planned = sweeps.plan(sweep)
         parts.append(Part(p, sweep, root, planned))
-    _fill_report(study, parts[0].sweep)
-    problems = _grid_problems(parts) or _arm_problems(parts) or _config_problems(parts)
+    root = Path(study.output_dir or parts[0].root.parent) / study.name
+    problems = (_folder_problems(root, parts) or _grid_problems(parts) or _report_problems(study, parts[0].sweep)
+                or _arm_problems(parts) or _config_problems(parts))
     if problems:
         raise ConfigError(str(path), problems)
-    return study, Path(study.output_dir or parts[0].root.parent) / study.name, parts
+    return study, root, parts
 
 
-def _fill_report(study: StudyConfig, first: SweepConfig) -> None:
-    """Unset report fields take the first part's (its choice rule); a named one must be a grid field."""
-    for role in ("seeds", "choose"):
-        if role not in study.report.model_fields_set:
-            setattr(study.report, role, getattr(first.report, role))
-        key = getattr(study.report, role)
-        if key is not None and key not in first.grid:
-            raise ConfigError(study.name, [Problem(f"report.{role}", key, "not a grid field of the parts",
-                                                   f"use one of {list(first.grid)} or null")])
+def _folder_problems(root: Path, parts: list[Part]) -> list[Problem]:
+    """The study folder and every part's sweep folder are distinct (a study writes its own sweep.json)."""
+    seen: dict[Path, str] = {root.resolve(): "the study itself"}
+    out = []
+    for p in parts:
+        where = p.root.resolve()
+        if where in seen:
+            out.append(Problem(f"{p.path}: name", p.sweep.name, f"its folder {p.root} is also {seen[where]}'s",
+                               "give every part and the study its own name"))
+        seen.setdefault(where, p.path)
+    return out
 
 
 def _grid_problems(parts: list[Part]) -> list[Problem]:
+    """Identical grids, field order included: cells are then the same names in the same order."""
     first = parts[0]
     return [Problem(f"{p.path}: grid", None, f"differs from {first.path}'s grid ({p.sweep.grid} vs "
                     f"{first.sweep.grid})", "give every part the same grid fields and values, in the same order")
-            for p in parts[1:] if p.sweep.grid != first.sweep.grid]
+            for p in parts[1:] if list(p.sweep.grid.items()) != list(first.sweep.grid.items())]
+
+
+def _report_problems(study: StudyConfig, first: SweepConfig) -> list[Problem]:
+    """Report fields the study file leaves unset take the first part's; seeds / choose must be grid fields."""
+    for key in ReportConfig.model_fields:
+        if key not in study.report.model_fields_set:
+            setattr(study.report, key, getattr(first.report, key))
+    return [Problem(f"report.{role}", key, "not a grid field of the parts", f"use one of {list(first.grid)} or null")
+            for role in ("seeds", "choose") if (key := getattr(study.report, role)) is not None
+            and key not in first.grid]
 
 
 def _arm_problems(parts: list[Part]) -> list[Problem]:
+    """Each arm in one part, and every trained cell holds exactly the arms its part lists now (a sweep file
+    edited after training would otherwise mix or hide arms)."""
     seen: dict[str, str] = {}
     out = []
     for p in parts:
@@ -109,6 +127,13 @@ def _arm_problems(parts: list[Part]) -> list[Problem]:
                 out.append(Problem(f"{p.path}: adapter.init", arm, f"this arm is also in {seen[arm]}",
                                    "each arm belongs to one part; drop it from one of them"))
             seen.setdefault(arm, p.path)
+        for cell, _ in p.planned:
+            stored = GroupDir(p.root / cell.name).info().get("arms")
+            if stored is not None and list(stored) != p.arms:
+                out.append(Problem(f"{p.path}: cell {cell.name}", None, f"was trained with arms {stored}, the "
+                                   f"sweep file now lists {p.arms}", "list the arms it was trained with, or "
+                                   "put the new arms in a new part"))
+                break
     return out
 
 
@@ -172,8 +197,6 @@ def write(study: StudyConfig, root: Path, parts: list[Part]) -> Path:
 
 def run_study(path: str | Path, warn=print) -> Path:
     """Check the parts, train each part's cells (finished ones are skipped), then write the joint report."""
-    from fluxlora import sweep as sweeps
-
     study, root, parts = plan(path)
     for part in parts:
         sweeps.run_sweep(part.path, warn=warn)
@@ -183,8 +206,6 @@ def run_study(path: str | Path, warn=print) -> Path:
 
 def dry_run(path: str | Path) -> int:
     """The parts, their arms and how many cells of each are done; trains nothing."""
-    from fluxlora import sweep as sweeps
-
     study, root, parts = plan(path)
     print(f"study {study.name}: {len(parts)} parts on {len(parts[0].planned)} cells into {root}; configs comparable")
     for p in parts:

@@ -15,7 +15,7 @@ from fluxlora.config import dump_config
 from fluxlora.config_errors import ConfigError
 from fluxlora.rundir import GroupDir, write_json
 from tests.conftest import tiny_config
-from tests.test_sweep import VALIDATION, fake_arm
+from tests.sweep_helpers import VALIDATION, fake_arm
 
 GRID = {"train.seed": [0, 1], "train.lr": [1.0e-3, 1.0e-2]}
 
@@ -26,7 +26,7 @@ def write_yaml(path, doc) -> str:
 
 
 def part(tmp_path, base: str, name: str, arms: list[str], **extra) -> str:
-    doc = {"name": name, "config": base, "output_dir": str(tmp_path / "runs"),
+    doc = {"name": extra.pop("sweep_name", name), "config": base, "output_dir": str(tmp_path / "runs"),
            "set": {"adapter.init": arms, **extra.pop("set", {})}, "grid": extra.pop("grid", GRID), **extra}
     return write_yaml(tmp_path / f"{name}.yaml", doc)
 
@@ -86,7 +86,10 @@ def test_a_study_reports_every_parts_arms_each_at_its_own_best_lr(tmp_path, base
 @pytest.mark.parametrize("later, words", [
     ({"set": {"train.steps": 3}}, r"cell seed0_lr0.001: train.steps[\s\S]*has 2[\s\S]*has 3"),
     ({"grid": {"train.seed": [0, 1], "train.lr": [1.0e-3, 3.0e-3]}}, "differs from .*first.yaml's grid"),
+    ({"grid": {"train.lr": [1.0e-3, 1.0e-2], "train.seed": [0, 1]}}, "differs from .*first.yaml's grid"),  # order
     ({"arms": ["pissa", "lora"]}, "lora: this arm is also in"),
+    ({"sweep_name": "first"}, r"later.yaml: name = first: its folder .* is also .*first.yaml's"),
+    ({"sweep_name": "both"}, r"later.yaml: name = both: its folder .* is also the study itself's"),
 ])
 def test_a_study_refuses_parts_that_are_not_the_same_run_but_for_their_arms(tmp_path, base, later, words):
     path = study_file(tmp_path, [part(tmp_path, base, "first", ["lora"]),
@@ -107,6 +110,31 @@ def test_a_study_checks_the_config_a_cell_was_trained_with_and_lets_arm_settings
     trained.config_file.write_text(dump_config(cfg))
     with pytest.raises(ConfigError, match=r"cell seed1_lr0.01: train.warmup_steps"):
         study.plan(path)
+
+
+def test_a_cell_trained_with_other_arms_than_its_part_lists_is_refused(tmp_path, base):
+    path = study_file(tmp_path, [part(tmp_path, base, "first", ["lora"]), part(tmp_path, base, "later", ["pissa"])])
+    _, _, parts = study.plan(path)
+    group = GroupDir(parts[0].root / "seed1_lr0.01")
+    group.root.mkdir(parents=True)
+    group.write_info(arms=["lora", "pissa"], status="done")  # pissa moved to a later part after training
+    with pytest.raises(ConfigError, match=r"cell seed1_lr0.01: was trained with arms \['lora', 'pissa'\]"):
+        study.plan(path)
+
+
+def test_unset_report_fields_are_the_first_parts_and_a_partial_choice_says_so(tmp_path, base):
+    rule = {"by": "subject_fidelity", "metrics": ["val_loss_subject"]}
+    path = study_file(tmp_path, [part(tmp_path, base, "first", ["lora"], report=rule),
+                                 part(tmp_path, base, "later", ["pissa"])])
+    s, root, parts = study.plan(path)
+    assert (s.report.by, s.report.metrics, s.report.choose) == ("subject_fidelity", ["val_loss_subject"], "train.lr")
+    fake_part(parts[0], score)
+    fake_part(parts[1], score)
+    for cell in ("seed0_lr0.01", "seed1_lr0.01"):  # pissa has lr 1e-2 on no seed yet: chosen among 1 of 2 lrs
+        GroupDir(parts[1].root / cell).arm("pissa").set_status("running")
+    text = study.write(s, root, parts).read_text()
+    assert "subject_fidelity (selection)" in text
+    assert "| pissa | - | 0.001 (1 of 2) | 2 |" in text and "| lora | - | 0.01 | 2 |" in text
 
 
 def test_a_bad_study_file_is_named_with_the_fix(tmp_path, base):
@@ -148,7 +176,7 @@ def test_the_web_ui_lists_a_study_and_says_where_its_cells_are(tmp_path, base):
     runs = tmp_path / "runs"
     assert views.sweep_names(runs) == ["both", "first", "later"]
     text = views.sweep_report(runs, "both", "/runs-file")
-    assert "8 / 8 cells done" in text and "A study of first, later" in text and "# Study both" in text
+    assert "8 / 8 cells done" in text and "A study of first (" in text and "# Study both" in text
 
 
 def test_an_arm_trains_the_same_whichever_arms_share_its_run(tmp_path, tiny_flux, subject_dir):

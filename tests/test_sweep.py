@@ -18,8 +18,8 @@ from fluxlora.errors import RunError
 from fluxlora.rundir import GroupDir, group_label, list_groups, write_json
 from fluxlora.sweep_config import SweepConfig, cells
 from tests.conftest import tiny_config
+from tests.sweep_helpers import VALIDATION, fake_arm
 
-VALIDATION = {"holdout": 1, "prior_prompts": ["a large red circle on a white background, center"], "sigmas": 2}
 
 
 def sweep_file(tmp_path, base: str, **extra) -> str:
@@ -71,13 +71,6 @@ def test_a_bad_value_in_the_grid_is_named_with_its_cell_before_anything_trains(t
     with pytest.raises(ConfigError, match=r"sweep cell rank-1[\s\S]*adapter.rank"):
         plan(load_sweep(path))
     assert not (tmp_path / "runs" / "grid").exists()
-
-
-def fake_arm(group: GroupDir, arm: str, records: list[dict], final_loss: float) -> None:
-    a = group.arm(arm).create()
-    for r in records:
-        a.log_metrics(r)
-    a.set_status("done", summary={"arm": arm, "final_loss": final_loss})
 
 
 def fake_sweep(root) -> dict:

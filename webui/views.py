@@ -198,9 +198,9 @@ def sweep_names(runs: Path) -> list[str]:
 
 
 def _cells_where(name: str, state: dict) -> str:
-    parts = [p["name"] for p in state.get("parts", [])]
-    if parts:  # a study (fluxlora/study.py): its cells live in its parts' folders
-        return f". A study of {', '.join(parts)}: their cells are in the run list as `<part>/<cell>`."
+    parts = [f"{p['name']} ({p['folder']})" for p in state.get("parts", [])]
+    if parts:  # a study (fluxlora/study.py): its cells live in its parts' sweep folders
+        return f". A study of {', '.join(parts)}: its cells are in those sweep folders."
     return f". Its cells are in the run list as `{name}/<cell>`."
 
 
