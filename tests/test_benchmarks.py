@@ -114,3 +114,22 @@ def test_validation_cost_benchmark_reports_a_share():
 def test_thread_policy_benchmark_reports_before_and_after():
     out = _quick("thread_policy.py")
     assert "| before (torch defaults) |" in out and "| after (thread policy) |" in out
+
+
+def test_flux_trainer_gpu_tiny_mode_runs_the_trainer_end_to_end(tmp_path):
+    """The GPU script's own build code (a FLUX pipeline of the full architecture, small), then `fluxlora train`
+    with three arms, samples at 0 and the end, a checkpoint and the exports; a second call resumes (nothing left)."""
+    import json
+
+    cmd = [sys.executable, "benchmarks/flux_trainer_gpu.py", "--tiny", "--out", str(tmp_path), "--jsonl",
+           str(tmp_path / "r.jsonl")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["lora", "pissa", "loram"] and all(r["s_per_it"] > 0 for r in rows)
+    assert all(r["exports"] == ["adapter.safetensors", "adapter_comfyui.safetensors"] for r in rows)
+    run = tmp_path / "runs" / "none_32px" / "pissa"
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000", "step-000003"]
+    assert (tmp_path / "pipeline" / "model_index.json").is_file() and not (tmp_path / "pipeline.partial").exists()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
