@@ -211,7 +211,7 @@ def arm_rows(run: Path, base: str, peaks: dict) -> list[dict]:
 
 
 def table(rows: list[dict], resolution: int) -> str:
-    out = [f"| base | arm | init s | s/it | arm peak GiB | whole run: allocated / reserved GiB | target |",
+    out = ["| base | arm | init s | s/it | arm peak GiB | whole run: allocated / reserved GiB | target |",
            "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         need = TARGET_GIB.get(r["base"])
