@@ -133,3 +133,17 @@ def test_flux_trainer_gpu_tiny_mode_runs_the_trainer_end_to_end(tmp_path):
     assert (tmp_path / "pipeline" / "model_index.json").is_file() and not (tmp_path / "pipeline.partial").exists()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_gpu_session_rehearses_its_steps_on_the_cpu_and_stops_at_its_budget(tmp_path):
+    cmd = [sys.executable, "benchmarks/gpu_session.py", "--tiny", "--out", str(tmp_path / "out"), "--work",
+           str(tmp_path / "work")]
+    done = subprocess.run([*cmd, "--only", "quantized_step,block_swap"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| quantized_step | ok |" in summary and "| block_swap | ok |" in summary, summary
+    assert (tmp_path / "out" / "quantized_step.jsonl").read_text().count("\n") == 4  # int8, nf4 x 2 methods
+    spent = subprocess.run([*cmd, "--budget", "5", "--out", str(tmp_path / "none")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert spent.returncode == 0 and (tmp_path / "none" / "summary.md").read_text().count("not started") == 4
