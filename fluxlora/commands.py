@@ -52,26 +52,28 @@ def sweep(path: str, dry_run: bool, report_only: bool) -> int:
             raise RunError(f"{root} holds no sweep yet -> fix: run fluxlora sweep {path} first")
         print(report.write(root))
         return 0
-    root = sweeps.run_sweep(path)
-    print(f"report: {root / report.REPORT}")
-    from fluxlora.rundir import read_json
+    return _finished(sweeps.run_sweep(path))
 
-    return 0 if (read_json(root / sweeps.STATE, {}) or {}).get("status") == "done" else 1
+
+def _finished(root) -> int:
+    """Name a sweep's or study's report; 0 when every cell is done, else 1."""
+    from fluxlora.report import REPORT
+    from fluxlora.rundir import SWEEP_STATE, read_json
+
+    print(f"report: {root / REPORT}")
+    return 0 if (read_json(root / SWEEP_STATE, {}) or {}).get("status") == "done" else 1
 
 
 def study_command(path: str, dry_run: bool, report_only: bool) -> int:
     """`fluxlora sweep study.yaml`: train every part's cells, then one report over all their arms (study.py)."""
-    from fluxlora import report, study
-    from fluxlora.rundir import SWEEP_STATE, read_json
+    from fluxlora import study
 
     if dry_run:
         return study.dry_run(path)
     if report_only:
         print(study.write(*study.plan(path)))
         return 0
-    root = study.run_study(path)
-    print(f"report: {root / report.REPORT}")
-    return 0 if (read_json(root / SWEEP_STATE, {}) or {}).get("status") == "done" else 1
+    return _finished(study.run_study(path))
 
 
 def parse_formats(values: list[str] | None) -> list[str] | None:

@@ -127,8 +127,8 @@ def headline(best: dict[tuple, list[ArmRun]], chosen: str | None, on: str, metri
     for key, runs in sorted(best.items(), key=lambda kv: (kv[0][1:], kv[0][0])):
         arm, rest = _label(key)
         k, n = (counts or {}).get(key, (1, 1))
-        value = f"{runs[0].values[chosen]}" + (f" ({k} of {n})" if k < n else "") if pick else None
-        cells = [arm, ", ".join(rest) or "-", *([value] if pick else []), str(len(runs)),
+        value = [f"{runs[0].values[chosen]}" + (f" ({k} of {n})" if k < n else "")] if pick else []
+        cells = [arm, ", ".join(rest) or "-", *value, str(len(runs)),
                  fmt(finals(runs, on)), *[fmt(finals(runs, m)) for m in metrics]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -167,9 +167,9 @@ def render(root: Path, state: dict, runs: list[ArmRun], best: dict[tuple, list[A
     r = state.get("sweep", {}).get("report", {})
     seeds, chosen, on = r.get("seeds"), r.get("choose"), r.get("by", "val_loss_subject")
     rule = f"`{chosen}` chosen per arm on the mean final `{on}` over seeds" if chosen else "no field chosen"
-    kind = "Study" if state.get("parts") else "Sweep"
+    kind, cells = ("Study", "Part cells") if state.get("parts") else ("Sweep", "Cells")
     out = [f"# {kind} {state.get('name', Path(root).name)}", "",
-           f"{'Part cells' if state.get('parts') else 'Cells'} done: {state.get('done', 0)} / {state.get('total', '?')} (status {state.get('status', '?')}; "
+           f"{cells} done: {state.get('done', 0)} / {state.get('total', '?')} (status {state.get('status', '?')}; "
            f"wall {_wall(state)}). Arms finished: {len(runs)}. Values: mean ± sd over `{seeds}`.", "",
            *_parts(state),
            "## Each arm at its own best value", "", f"{rule}; the result columns are other metrics "

@@ -74,11 +74,11 @@ def _figure(out: Path, name: str, panels: list[tuple], draw_panel, xlabel: str, 
         draw_panel(ax, panel)
         ax.set(title=_title(panel), xlabel=xlabel, ylabel=_ylabel(metric))
         ax.grid(alpha=0.3)
-        if len(ax.get_lines()) > 5:  # many arms: beside the panel, off the curves
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        else:
-            ax.legend(fontsize=7)
-    if any(len(ax.get_lines()) > 5 for ax in axes):
+    # many arms (labels, not lines: an error-bar series draws 3 lines): legends beside the panels, off the curves
+    crowded = any(len(ax.get_legend_handles_labels()[1]) > 5 for ax in axes)
+    for ax in axes:
+        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.0, 1.0)} if crowded else {}))
+    if crowded:
         fig.set_figwidth(6.6 * len(axes))  # room for the legends (constrained layout places them)
     _save(fig, out / name)
     plt.close(fig)
